@@ -1,0 +1,251 @@
+//! Admission right after accept, before any TLS work: the per-address connection rate
+//! (`governor`, keyed by IPv4 address or IPv6 prefix), the per-address concurrency cap, and the
+//! global count whose overflow is answered with 503 after TLS. Admission is a [`Permit`] the
+//! connection task holds; dropping it gives the slots back.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use governor::clock::Clock;
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
+
+/// The key a client is counted under: its IPv4 address, or its IPv6 prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IpKey(IpAddr);
+
+impl IpKey {
+    /// The key of `ip` with IPv6 addresses cut to `v6_prefix` bits (IPv4-mapped ones unwrapped).
+    pub fn new(ip: IpAddr, v6_prefix: u8) -> Self {
+        match ip {
+            IpAddr::V4(_) => IpKey(ip),
+            IpAddr::V6(v6) => {
+                if let Some(v4) = v6.to_ipv4_mapped() {
+                    return IpKey(IpAddr::V4(v4));
+                }
+                let bits = u128::from(v6);
+                let mask = if v6_prefix >= 128 {
+                    u128::MAX
+                } else {
+                    !(u128::MAX >> v6_prefix)
+                };
+                IpKey(IpAddr::V6(Ipv6Addr::from(bits & mask)))
+            }
+        }
+    }
+}
+
+/// Why a connection was turned away at accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Over `per_ip_rate` / `per_ip_burst`.
+    Rate,
+    /// Over `per_ip_max_connections`.
+    PerIpCap,
+}
+
+impl Refusal {
+    /// The `reason` label of the rejection counter.
+    pub fn metric_reason(self) -> &'static str {
+        match self {
+            Refusal::Rate => "rate_limit",
+            Refusal::PerIpCap => "per_ip_cap",
+        }
+    }
+}
+
+type KeyedLimiter =
+    RateLimiter<IpKey, DefaultKeyedStateStore<IpKey>, governor::clock::DefaultClock>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Settings {
+    limits: crate::config::Limits,
+    max_connections: usize,
+}
+
+/// Admission state shared by every listener; survives reloads.
+pub struct Admission {
+    settings: ArcSwap<Settings>,
+    rate: ArcSwapOption<KeyedLimiter>,
+    per_ip: Mutex<HashMap<IpKey, u32>>,
+    active: AtomicUsize,
+}
+
+/// A connection's hold on its admission slots.
+pub struct Permit {
+    admission: Arc<Admission>,
+    key: Option<IpKey>,
+    /// True when the global cap was already reached: answer 503.
+    pub over_capacity: bool,
+}
+
+impl Admission {
+    /// Admission with the given limits.
+    pub fn new(limits: &crate::config::Limits, max_connections: usize) -> Arc<Self> {
+        let a = Admission {
+            settings: ArcSwap::from_pointee(Settings {
+                limits: limits.clone(),
+                max_connections,
+            }),
+            rate: ArcSwapOption::empty(),
+            per_ip: Mutex::new(HashMap::new()),
+            active: AtomicUsize::new(0),
+        };
+        a.rate.store(limiter(limits).map(Arc::new));
+        Arc::new(a)
+    }
+
+    /// Applies reloaded limits; the rate state restarts only when the rate itself changed.
+    pub fn update(&self, limits: &crate::config::Limits, max_connections: usize) {
+        let old = self.settings.load();
+        let rate_changed = old.limits.per_ip_rate != limits.per_ip_rate
+            || old.limits.per_ip_burst != limits.per_ip_burst
+            || old.limits.ipv6_prefix != limits.ipv6_prefix;
+        self.settings.store(Arc::new(Settings {
+            limits: limits.clone(),
+            max_connections,
+        }));
+        if rate_changed {
+            self.rate.store(limiter(limits).map(Arc::new));
+        }
+    }
+
+    /// Admits or refuses a new connection from `ip`.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, Refusal> {
+        let s = self.settings.load();
+        let key = IpKey::new(ip, s.limits.ipv6_prefix);
+        if let Some(rate) = &*self.rate.load()
+            && rate.check_key(&key).is_err()
+        {
+            return Err(Refusal::Rate);
+        }
+        let cap = s.limits.per_ip_max_connections;
+        if cap > 0 {
+            let mut map = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+            let n = map.entry(key).or_insert(0);
+            if *n >= cap {
+                return Err(Refusal::PerIpCap);
+            }
+            *n += 1;
+        }
+        let before = self.active.fetch_add(1, Ordering::Relaxed);
+        Ok(Permit {
+            admission: self.clone(),
+            key: (cap > 0).then_some(key),
+            over_capacity: before >= s.max_connections,
+        })
+    }
+
+    /// Client connections currently admitted.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Forgets rate state of addresses that have been quiet long enough to be at rest again.
+    pub fn prune(&self) -> usize {
+        match &*self.rate.load() {
+            Some(r) => prune(r),
+            None => 0,
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.admission.active.fetch_sub(1, Ordering::Relaxed);
+        if let Some(key) = self.key {
+            let mut map = self
+                .admission
+                .per_ip
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = map.get_mut(&key) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    map.remove(&key);
+                }
+            }
+        }
+    }
+}
+
+fn limiter(l: &crate::config::Limits) -> Option<KeyedLimiter> {
+    let rate = NonZeroU32::new(l.per_ip_rate)?;
+    let burst = NonZeroU32::new(l.per_ip_burst.max(1)).unwrap_or(NonZeroU32::MIN);
+    Some(RateLimiter::dashmap(
+        Quota::per_second(rate).allow_burst(burst),
+    ))
+}
+
+/// Drops keys at rest and gives their memory back; returns the keys left.
+pub fn prune<C: Clock>(
+    r: &RateLimiter<IpKey, DefaultKeyedStateStore<IpKey>, C, NoOpMiddleware<C::Instant>>,
+) -> usize {
+    r.retain_recent();
+    r.shrink_to_fit();
+    r.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use governor::clock::FakeRelativeClock;
+    use std::time::Duration;
+
+    #[test]
+    fn ipv6_clients_share_their_prefix_key() {
+        let a = IpKey::new("2001:db8:1:2::1".parse().unwrap(), 64);
+        let b = IpKey::new("2001:db8:1:2:ffff::9".parse().unwrap(), 64);
+        let c = IpKey::new("2001:db8:1:3::1".parse().unwrap(), 64);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(
+            IpKey::new("::ffff:10.1.2.3".parse().unwrap(), 64),
+            IpKey::new("10.1.2.3".parse().unwrap(), 64)
+        );
+    }
+
+    #[test]
+    fn a_million_sprayed_addresses_are_pruned_back() {
+        let clock = FakeRelativeClock::default();
+        let quota = Quota::per_second(NonZeroU32::new(20).unwrap())
+            .allow_burst(NonZeroU32::new(40).unwrap());
+        let r: RateLimiter<
+            IpKey,
+            DefaultKeyedStateStore<IpKey>,
+            FakeRelativeClock,
+            NoOpMiddleware<<FakeRelativeClock as Clock>::Instant>,
+        > = RateLimiter::new(quota, DefaultKeyedStateStore::default(), clock.clone());
+        for i in 0..1_000_000u32 {
+            let ip = IpAddr::V4(i.to_be_bytes().into());
+            assert!(r.check_key(&IpKey(ip)).is_ok());
+        }
+        assert_eq!(r.len(), 1_000_000);
+        assert_eq!(prune(&r), 1_000_000, "keys seen just now are kept");
+        clock.advance(Duration::from_secs(3));
+        assert_eq!(prune(&r), 0);
+    }
+
+    #[test]
+    fn per_address_cap_counts_live_permits() {
+        let limits = crate::config::Limits {
+            per_ip_rate: 0,
+            per_ip_burst: 1,
+            per_ip_max_connections: 2,
+            ipv6_prefix: 64,
+        };
+        let a = Admission::new(&limits, 10);
+        let ip: IpAddr = "127.0.0.9".parse().unwrap();
+        let p1 = a.admit(ip).unwrap();
+        let _p2 = a.admit(ip).unwrap();
+        assert_eq!(a.admit(ip).err(), Some(Refusal::PerIpCap));
+        drop(p1);
+        assert!(a.admit(ip).is_ok());
+        assert!(a.admit("127.0.0.10".parse().unwrap()).is_ok());
+    }
+}

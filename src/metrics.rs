@@ -1,0 +1,252 @@
+//! Counters, gauges and histograms in the Prometheus text format (`prometheus-client`). Labels
+//! stay bounded: routes come from the configuration, close codes are folded into a fixed set,
+//! and client addresses never appear.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// A `route` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    /// Route label as in the config (`host/path` or `path`).
+    pub route: String,
+}
+
+/// A `reason` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Fixed reason name.
+    pub reason: &'static str,
+}
+
+/// A `direction` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    /// `client_to_backend` or `backend_to_client`.
+    pub direction: &'static str,
+}
+
+/// Labels of the close counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseLabel {
+    /// Close code, or `none`, `3xxx`, `4xxx`, `other`.
+    pub code: String,
+    /// `client`, `backend` or `gateway`.
+    pub side: &'static str,
+}
+
+/// A `result` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `ok` or `failed`.
+    pub result: &'static str,
+}
+
+/// Labels of the HTTP request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabel {
+    /// Route label.
+    pub route: String,
+    /// Status class: `2xx` ... `5xx`.
+    pub status: &'static str,
+}
+
+/// Every metric wsgate exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Client connections currently held.
+    pub client_connections: Gauge,
+    /// Open WebSocket tunnels by route.
+    pub connections_open: Family<RouteLabel, Gauge>,
+    /// WebSocket tunnels opened by route.
+    pub connections_total: Family<RouteLabel, Counter>,
+    /// Plain HTTP requests forwarded by route and status class.
+    pub http_requests: Family<RequestLabel, Counter>,
+    /// Refused handshakes by reason.
+    pub rejections: Family<ReasonLabel, Counter>,
+    /// Bytes relayed each way.
+    pub bytes: Family<DirectionLabel, Counter>,
+    /// Frames relayed each way.
+    pub frames: Family<DirectionLabel, Counter>,
+    /// Gateway pings sent.
+    pub pings_sent: Counter,
+    /// Pongs to gateway pings received.
+    pub pongs_received: Counter,
+    /// Tunnels closed for a missing pong.
+    pub ping_timeouts: Counter,
+    /// Tunnels closed for idleness.
+    pub idle_timeouts: Counter,
+    /// Closes by code and by the side that started them.
+    pub closes: Family<CloseLabel, Counter>,
+    /// TLS handshakes that failed.
+    pub tls_failures: Counter,
+    /// Accept to request head read, seconds.
+    pub handshake_seconds: Histogram,
+    /// Backend connect time, seconds.
+    pub backend_connect_seconds: Histogram,
+    /// Configuration reloads by result.
+    pub reloads: Family<ResultLabel, Counter>,
+    /// 1 when the last reload succeeded (or none was tried), 0 when it failed.
+    pub config_ok: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut r = Registry::default();
+        let m = Metrics {
+            client_connections: Gauge::default(),
+            connections_open: Family::default(),
+            connections_total: Family::default(),
+            http_requests: Family::default(),
+            rejections: Family::default(),
+            bytes: Family::default(),
+            frames: Family::default(),
+            pings_sent: Counter::default(),
+            pongs_received: Counter::default(),
+            ping_timeouts: Counter::default(),
+            idle_timeouts: Counter::default(),
+            closes: Family::default(),
+            tls_failures: Counter::default(),
+            handshake_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            backend_connect_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            reloads: Family::default(),
+            config_ok: Gauge::default(),
+            registry: Registry::default(),
+        };
+        m.config_ok.set(1);
+        r.register(
+            "wsgate_client_connections_open",
+            "Client connections currently held",
+            m.client_connections.clone(),
+        );
+        r.register(
+            "wsgate_connections_open",
+            "Open WebSocket tunnels by route",
+            m.connections_open.clone(),
+        );
+        r.register(
+            "wsgate_connections",
+            "WebSocket tunnels opened by route",
+            m.connections_total.clone(),
+        );
+        r.register(
+            "wsgate_http_requests",
+            "Plain HTTP requests forwarded by route and status class",
+            m.http_requests.clone(),
+        );
+        r.register(
+            "wsgate_handshake_rejections",
+            "Refused handshakes by reason",
+            m.rejections.clone(),
+        );
+        r.register(
+            "wsgate_relayed_bytes",
+            "Bytes relayed by direction",
+            m.bytes.clone(),
+        );
+        r.register(
+            "wsgate_relayed_frames",
+            "WebSocket frames relayed by direction",
+            m.frames.clone(),
+        );
+        r.register(
+            "wsgate_gateway_pings",
+            "Pings sent by the gateway",
+            m.pings_sent.clone(),
+        );
+        r.register(
+            "wsgate_gateway_pongs",
+            "Pongs to gateway pings received",
+            m.pongs_received.clone(),
+        );
+        r.register(
+            "wsgate_ping_timeouts",
+            "Tunnels closed for a missing pong",
+            m.ping_timeouts.clone(),
+        );
+        r.register(
+            "wsgate_idle_timeouts",
+            "Tunnels closed for idleness",
+            m.idle_timeouts.clone(),
+        );
+        r.register(
+            "wsgate_closes",
+            "Tunnel closes by code and side",
+            m.closes.clone(),
+        );
+        r.register(
+            "wsgate_tls_handshake_failures",
+            "Failed TLS handshakes",
+            m.tls_failures.clone(),
+        );
+        r.register(
+            "wsgate_handshake_duration_seconds",
+            "Accept to request head",
+            m.handshake_seconds.clone(),
+        );
+        r.register(
+            "wsgate_backend_connect_duration_seconds",
+            "Backend connect time",
+            m.backend_connect_seconds.clone(),
+        );
+        r.register(
+            "wsgate_config_reloads",
+            "Configuration reloads by result",
+            m.reloads.clone(),
+        );
+        r.register(
+            "wsgate_config_last_reload_successful",
+            "1 if the last reload succeeded",
+            m.config_ok.clone(),
+        );
+        Metrics { registry: r, ..m }
+    }
+
+    /// Counts one refused handshake.
+    pub fn reject(&self, reason: &'static str) {
+        self.rejections.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// Counts one tunnel close.
+    pub fn close(&self, code: Option<u16>, side: &'static str) {
+        let code = match code {
+            None => "none".to_string(),
+            Some(c @ 1000..=1015) => c.to_string(),
+            Some(3000..=3999) => "3xxx".into(),
+            Some(4000..=4999) => "4xxx".into(),
+            Some(_) => "other".into(),
+        };
+        self.closes.get_or_create(&CloseLabel { code, side }).inc();
+    }
+
+    /// Adds relayed traffic.
+    pub fn relayed(&self, up_bytes: u64, down_bytes: u64, up_frames: u64, down_frames: u64) {
+        for (dir, b, f) in [
+            ("client_to_backend", up_bytes, up_frames),
+            ("backend_to_client", down_bytes, down_frames),
+        ] {
+            let l = DirectionLabel { direction: dir };
+            self.bytes.get_or_create(&l).inc_by(b);
+            self.frames.get_or_create(&l).inc_by(f);
+        }
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

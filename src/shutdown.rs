@@ -1,0 +1,112 @@
+//! Draining: once SIGTERM (or a test) starts it, listeners stop, `/readyz` turns 503, plain
+//! HTTP connections finish their request, and each tunnel gets its own close instant inside
+//! `[grace - spread, grace]` so clients do not all reconnect in the same millisecond.
+
+use std::future::Future;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::relay::DrainSignal;
+
+/// The process-wide drain state.
+#[derive(Debug, Default)]
+pub struct Drain {
+    token: CancellationToken,
+    plan: OnceLock<Plan>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    start: Instant,
+    grace: Duration,
+    spread: Duration,
+}
+
+impl Drain {
+    /// A drain that has not started.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts draining (once; later calls change nothing). Returns true the first time.
+    pub fn begin(&self, grace: Duration, spread: Duration) -> bool {
+        let first = self
+            .plan
+            .set(Plan {
+                start: Instant::now(),
+                grace,
+                spread: spread.min(grace),
+            })
+            .is_ok();
+        self.token.cancel();
+        first
+    }
+
+    /// True once draining started.
+    pub fn is_draining(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// Resolves when draining starts.
+    pub fn started(&self) -> impl Future<Output = ()> + '_ {
+        self.token.cancelled()
+    }
+
+    /// When every tunnel must be closed by.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.plan.get().map(|p| p.start + p.grace)
+    }
+
+    fn tunnel_close_at(&self, id: u64) -> Instant {
+        let Some(p) = self.plan.get() else {
+            return Instant::now();
+        };
+        let spread = p.spread.as_nanos() as u64;
+        // A multiplicative hash spreads consecutive ids over the window.
+        let offset = if spread == 0 {
+            0
+        } else {
+            id.wrapping_mul(0x9E37_79B9_7F4A_7C15) % spread
+        };
+        p.start + (p.grace - p.spread) + Duration::from_nanos(offset)
+    }
+}
+
+impl DrainSignal for Drain {
+    async fn close_at(&self, tunnel_id: u64) -> Instant {
+        self.token.cancelled().await;
+        self.tunnel_close_at(tunnel_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn close_instants_fall_inside_the_spread_window() {
+        let d = Drain::new();
+        d.begin(Duration::from_secs(10), Duration::from_secs(4));
+        let start = Instant::now();
+        let times: Vec<_> = (0..100).map(|i| d.tunnel_close_at(i) - start).collect();
+        assert!(
+            times
+                .iter()
+                .all(|t| *t >= Duration::from_secs(6) && *t < Duration::from_secs(10))
+        );
+        let distinct: std::collections::HashSet<_> =
+            times.iter().map(|t| t.as_millis() / 500).collect();
+        assert!(distinct.len() >= 6, "closes are spread: {distinct:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn spread_longer_than_grace_is_cut_to_grace() {
+        let d = Drain::new();
+        d.begin(Duration::from_secs(2), Duration::from_secs(30));
+        let start = Instant::now();
+        assert!((0..50).all(|i| d.tunnel_close_at(i) - start < Duration::from_secs(2)));
+    }
+}

@@ -1,0 +1,167 @@
+//! TLS termination: PEM certificates and keys (read with `rustls-pki-types`' `PemObject`),
+//! a check that each key matches its certificate, SNI choice among `[[tls.sni]]` entries, and
+//! the rustls `ServerConfig` (TLS 1.2 and 1.3, ALPN `http/1.1`).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rustls::ServerConfig;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{ConfigError, Sourced, Tls};
+
+/// The crypto provider wsgate uses everywhere.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Loads every certificate of `tls` and builds the acceptor; errors cite the config lines.
+pub fn acceptor(tls: &Tls, config_file: &std::path::Path) -> Result<TlsAcceptor, Vec<ConfigError>> {
+    let provider = provider();
+    let mut errors = Vec::new();
+    let default = load_pair(&tls.cert, &tls.key, &provider, config_file, &mut errors);
+    let mut exact = HashMap::new();
+    let mut wildcard = HashMap::new();
+    for sni in &tls.sni {
+        if let Some(ck) = load_pair(&sni.cert, &sni.key, &provider, config_file, &mut errors) {
+            match sni.server_name.strip_prefix("*.") {
+                Some(suffix) => wildcard.insert(suffix.to_string(), ck),
+                None => exact.insert(sni.server_name.clone(), ck),
+            };
+        }
+    }
+    let Some(default) = default else {
+        return Err(errors);
+    };
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let resolver = SniResolver {
+        exact,
+        wildcard,
+        default,
+    };
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| {
+            vec![ConfigError {
+                file: config_file.to_path_buf(),
+                line: 0,
+                key: "tls".into(),
+                message: format!("TLS setup failed: {e}"),
+            }]
+        })?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Picks the certificate for the client's SNI: exact name, then `*.` wildcard, then default.
+#[derive(Debug)]
+struct SniResolver {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    default: Arc<CertifiedKey>,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let Some(name) = hello.server_name() else {
+            return Some(self.default.clone());
+        };
+        let name = name.to_ascii_lowercase();
+        if let Some(ck) = self.exact.get(&name) {
+            return Some(ck.clone());
+        }
+        if let Some((_, parent)) = name.split_once('.')
+            && let Some(ck) = self.wildcard.get(parent)
+        {
+            return Some(ck.clone());
+        }
+        Some(self.default.clone())
+    }
+}
+
+fn load_pair(
+    cert: &Sourced<PathBuf>,
+    key: &Sourced<PathBuf>,
+    provider: &CryptoProvider,
+    file: &std::path::Path,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Arc<CertifiedKey>> {
+    let err = |s: &Sourced<PathBuf>, message: String| ConfigError {
+        file: file.to_path_buf(),
+        line: s.line,
+        key: s.key.clone(),
+        message,
+    };
+    let chain = match CertificateDer::pem_file_iter(&cert.value)
+        .map_err(|e| pem_error(&cert.value, e))
+        .and_then(|it| {
+            it.collect::<Result<Vec<_>, _>>()
+                .map_err(|e| pem_error(&cert.value, e))
+        }) {
+        Ok(c) if c.is_empty() => {
+            errors.push(err(
+                cert,
+                format!("{}: no CERTIFICATE in the file", cert.value.display()),
+            ));
+            None
+        }
+        Ok(c) => Some(c),
+        Err(msg) => {
+            errors.push(err(cert, msg));
+            None
+        }
+    };
+    let private = match PrivateKeyDer::from_pem_file(&key.value) {
+        Ok(k) => Some(k),
+        Err(rustls_pki_types::pem::Error::NoItemsFound) => {
+            errors.push(err(
+                key,
+                format!(
+                    "{}: no private key (PKCS#8, PKCS#1 or SEC1) in the file",
+                    key.value.display()
+                ),
+            ));
+            None
+        }
+        Err(e) => {
+            errors.push(err(key, pem_error(&key.value, e)));
+            None
+        }
+    };
+    let (chain, private) = (chain?, private?);
+    match CertifiedKey::from_der(chain, private, provider) {
+        Ok(ck) => Some(Arc::new(ck)),
+        Err(rustls::Error::InconsistentKeys(_)) => {
+            errors.push(err(
+                key,
+                format!(
+                    "{} does not match the certificate {}",
+                    key.value.display(),
+                    cert.value.display()
+                ),
+            ));
+            None
+        }
+        Err(e) => {
+            errors.push(err(key, format!("{}: {e}", key.value.display())));
+            None
+        }
+    }
+}
+
+fn pem_error(path: &std::path::Path, e: rustls_pki_types::pem::Error) -> String {
+    match e {
+        rustls_pki_types::pem::Error::Io(io) => format!("{}: cannot read: {io}", path.display()),
+        other => format!("{}: not valid PEM: {other:?}", path.display()),
+    }
+}
