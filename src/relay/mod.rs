@@ -842,5 +842,48 @@ fn process(
     (w, found)
 }
 
+/// Fuzz entry: walks `data` through the frame processing exactly as the pump does, in reads
+/// whose sizes come from the first byte, checking that forwarded bytes never outgrow the input.
+#[doc(hidden)]
+pub fn fuzz_frames(data: &[u8]) {
+    let Some((&sel, data)) = data.split_first() else {
+        return;
+    };
+    let from = if sel & 1 == 0 {
+        Sender::Client
+    } else {
+        Sender::Backend
+    };
+    let step = 1 + (sel >> 1) as usize;
+    let settings = Settings {
+        ping_interval: Duration::from_secs(1),
+        pong_timeout: Duration::from_secs(1),
+        idle_timeout: Duration::ZERO,
+        max_frame_size: 1 << 16,
+        max_lifetime: Duration::ZERO,
+    };
+    let mut keep = Keep::new(&settings, Instant::now(), 7);
+    // Pretend a gateway ping is out, so candidate pongs are examined too.
+    keep.next_token();
+    keep.pings_sent = 1;
+    let mut d = Dir::new(from, settings.max_frame_size, Bytes::new());
+    let mut buf = vec![0u8; HEADROOM + SCRATCH];
+    let mut forwarded = 0usize;
+    for chunk in data.chunks(step) {
+        let start = HEADROOM - d.carry_len;
+        buf[start..HEADROOM].copy_from_slice(&d.carry[..d.carry_len]);
+        d.carry_len = 0;
+        buf[HEADROOM..HEADROOM + chunk.len()].copy_from_slice(chunk);
+        let (end, found) = process(&mut d, &mut buf, start, HEADROOM + chunk.len(), &mut keep);
+        assert!(end >= start && end <= HEADROOM + chunk.len());
+        forwarded += end - start;
+        assert!(d.carry_len <= CARRY);
+        if found.violation.is_some() {
+            break;
+        }
+    }
+    assert!(forwarded <= data.len());
+}
+
 #[cfg(test)]
 mod tests;

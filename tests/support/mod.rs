@@ -431,3 +431,111 @@ pub fn route(path: &str, backend: SocketAddr, extra: &str) -> String {
         "[[routes]]\npath = \"{path}\"\nbackends = [\"{backend}\"]\nallow_missing_origin = true\nallowed_origins = [\"https://good.example\"]\n{extra}\n"
     )
 }
+
+/// A wss connection past a raw handshake, for clients that misbehave on purpose.
+pub struct RawWs {
+    pub s: tokio_rustls::client::TlsStream<TcpStream>,
+    pub buf: Vec<u8>,
+}
+
+impl RawWs {
+    pub async fn connect(gate: &Gate, path: &str) -> RawWs {
+        let mut s = gate.tls(None).await;
+        s.write_all(upgrade_request(path, "").as_bytes())
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(
+                n > 0,
+                "closed during handshake: {}",
+                String::from_utf8_lossy(&buf)
+            );
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        buf.drain(..end);
+        RawWs { s, buf }
+    }
+
+    /// Reads the next frame (server frames are unmasked): opcode and payload; `None` at EOF.
+    pub async fn frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        let mut chunk = [0u8; 4096];
+        loop {
+            if self.buf.len() >= 2 {
+                let len7 = (self.buf[1] & 0x7f) as usize;
+                let (len, hl) = match len7 {
+                    126 if self.buf.len() >= 4 => {
+                        (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
+                    }
+                    127 if self.buf.len() >= 10 => (
+                        u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize,
+                        10,
+                    ),
+                    n if n < 126 => (n, 2),
+                    _ => (usize::MAX, 0),
+                };
+                if len != usize::MAX && self.buf.len() >= hl + len {
+                    let op = self.buf[0] & 0x0f;
+                    let payload = self.buf[hl..hl + len].to_vec();
+                    self.buf.drain(..hl + len);
+                    return Some((op, payload));
+                }
+            }
+            match self.s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).await.unwrap();
+    }
+}
+
+/// A masked client frame.
+pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut out = vec![0x80 | opcode];
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= 65535 => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
+/// The close code in a Close frame's payload.
+pub fn code_of(payload: &[u8]) -> u16 {
+    u16::from_be_bytes([payload[0], payload[1]])
+}
+
+/// Polls `/metrics` until `line` appears (metrics of a tunnel are recorded when it closes).
+pub async fn wait_metric(gate: &Gate, line: &str) -> String {
+    for _ in 0..100 {
+        let m = gate.metrics().await;
+        if m.lines().any(|l| l == line) {
+            return m;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "metric line {line:?} never appeared:\n{}",
+        gate.metrics().await
+    );
+}

@@ -1,0 +1,6 @@
+//! Arbitrary bytes, cut into arbitrary reads, through the relay's frame processing.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    wsgate::relay::fuzz_frames(data);
+});
