@@ -28,6 +28,7 @@ pub mod proxy_protocol;
 pub mod relay;
 pub mod route;
 pub mod shutdown;
+pub mod systemd;
 pub mod tls;
 pub mod upstream;
 
@@ -163,6 +164,9 @@ impl Gateway {
             Some(addr) => match admin::bind(addr).await {
                 Ok(l) => {
                     let local = l.local_addr().ok();
+                    if let Some(a) = local {
+                        tracing::info!(addr = %a, "admin listening");
+                    }
                     tokio::spawn(admin::serve(l, shared.clone()));
                     local
                 }

@@ -303,7 +303,9 @@ async fn connection(
 
 async fn refuse(shared: &Shared, stream: ClientStream, peer: SocketAddr, r: Reject, id: u64) {
     shared.metrics.reject(r.metric_reason());
-    tracing::info!(conn = id, client = %peer, status = r.status().as_u16(), reason = r.reason(), "request refused");
+    if log_budget() {
+        tracing::info!(conn = id, client = %peer, status = r.status().as_u16(), reason = r.reason(), "request refused");
+    }
     handshake::answer_and_close(stream, &r.to_bytes()).await;
 }
 
@@ -325,6 +327,13 @@ impl Drop for OpenGauge<'_> {
 
 /// Logs refusals at most a few times a second, so a flood cannot fill the disk.
 fn log_refusal(peer: SocketAddr, reason: &'static str) {
+    if log_budget() {
+        tracing::warn!(client = %peer, reason, "connection refused");
+    }
+}
+
+/// True while this second's budget of refusal log lines lasts; reports what was suppressed.
+pub fn log_budget() -> bool {
     static WINDOW: AtomicU64 = AtomicU64::new(0);
     static COUNT: AtomicU64 = AtomicU64::new(0);
     static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
@@ -335,16 +344,14 @@ fn log_refusal(peer: SocketAddr, reason: &'static str) {
         COUNT.store(0, Ordering::Relaxed);
         let s = SUPPRESSED.swap(0, Ordering::Relaxed);
         if s > 0 {
-            tracing::warn!(
-                suppressed = s,
-                "connection refusals not logged in the last second"
-            );
+            tracing::warn!(suppressed = s, "refusals not logged in the last second");
         }
     }
-    if COUNT.fetch_add(1, Ordering::Relaxed) < 10 {
-        tracing::warn!(client = %peer, reason, "connection refused");
+    if COUNT.fetch_add(1, Ordering::Relaxed) < 20 {
+        true
     } else {
         SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+        false
     }
 }
 

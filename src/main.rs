@@ -9,6 +9,7 @@ use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 
 use wsgate::config::{Config, LogFormat};
+use wsgate::systemd;
 
 /// TLS-terminating WebSocket gateway and reverse proxy.
 #[derive(Parser, Debug)]
@@ -109,15 +110,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let run = tokio::spawn(gateway.run(std::future::pending()));
+    if let Some(period) = systemd::watchdog_period() {
+        tokio::spawn(systemd::watchdog(period));
+    }
+    systemd::ready();
     loop {
         tokio::select! {
             _ = hup.recv() => {
+                systemd::reloading();
+                // A failed reload keeps the old configuration: the service is still up.
                 let _ = handle.reload().await;
+                systemd::ready();
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
+    systemd::stopping();
     handle.drain_configured();
     tokio::select! {
         r = run => r.context("gateway task failed")?,

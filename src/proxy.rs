@@ -127,7 +127,9 @@ impl Ctx {
 
     fn refuse(&self, r: Reject) -> Response<DownBody> {
         self.shared.metrics.reject(r.metric_reason());
-        tracing::info!(conn = self.client.id, client = %self.client.addr, status = r.status().as_u16(), reason = r.reason(), "request refused");
+        if crate::listener::log_budget() {
+            tracing::info!(conn = self.client.id, client = %self.client.addr, status = r.status().as_u16(), reason = r.reason(), "request refused");
+        }
         r.to_response()
             .map(|b| b.map_err(|e| match e {}).boxed_unsync())
     }

@@ -1,6 +1,7 @@
 //! Draining: once SIGTERM (or a test) starts it, listeners stop, `/readyz` turns 503, plain
-//! HTTP connections finish their request, and each tunnel gets its own close instant inside
-//! `[grace - spread, grace]` so clients do not all reconnect in the same millisecond.
+//! HTTP connections finish their request, and each tunnel gets its own close instant spread
+//! over the end of the grace period, so clients do not all reconnect in the same millisecond.
+//! The window ends a little before the grace does, leaving time for the close handshakes.
 
 use std::future::Future;
 use std::sync::OnceLock;
@@ -10,6 +11,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::relay::DrainSignal;
+
+/// Time kept free at the end of the grace for close handshakes (at most a quarter of it).
+const CLOSE_MARGIN: Duration = Duration::from_millis(500);
 
 /// The process-wide drain state.
 #[derive(Debug, Default)]
@@ -64,14 +68,16 @@ impl Drain {
         let Some(p) = self.plan.get() else {
             return Instant::now();
         };
-        let spread = p.spread.as_nanos() as u64;
+        let end = p.grace - CLOSE_MARGIN.min(p.grace / 4);
+        let spread = p.spread.min(end);
+        let nanos = spread.as_nanos() as u64;
         // A multiplicative hash spreads consecutive ids over the window.
-        let offset = if spread == 0 {
+        let offset = if nanos == 0 {
             0
         } else {
-            id.wrapping_mul(0x9E37_79B9_7F4A_7C15) % spread
+            id.wrapping_mul(0x9E37_79B9_7F4A_7C15) % nanos
         };
-        p.start + (p.grace - p.spread) + Duration::from_nanos(offset)
+        p.start + (end - spread) + Duration::from_nanos(offset)
     }
 }
 
@@ -95,7 +101,8 @@ mod tests {
         assert!(
             times
                 .iter()
-                .all(|t| *t >= Duration::from_secs(6) && *t < Duration::from_secs(10))
+                .all(|t| *t >= Duration::from_millis(5500) && *t < Duration::from_millis(9500)),
+            "closes fall in [grace - margin - spread, grace - margin)"
         );
         let distinct: std::collections::HashSet<_> =
             times.iter().map(|t| t.as_millis() / 500).collect();

@@ -137,6 +137,21 @@ impl Violation {
             Violation::TooLarge => "frame too large",
         }
     }
+
+    /// The reason told to the backend when the client committed it.
+    pub fn client_reason(self) -> &'static str {
+        match self {
+            Violation::ReservedOpcode => "client protocol error: reserved opcode",
+            Violation::FragmentedControl => "client protocol error: fragmented control frame",
+            Violation::ControlTooLong => "client protocol error: control frame too long",
+            Violation::LengthTopBit => "client protocol error: bad frame length",
+            Violation::Unmasked => "client protocol error: unmasked frame",
+            Violation::Masked => "client protocol error: masked frame",
+            Violation::UnexpectedContinuation => "client protocol error: unexpected continuation",
+            Violation::ExpectedContinuation => "client protocol error: expected continuation",
+            Violation::TooLarge => "client frame too large",
+        }
+    }
 }
 
 /// Frame boundary state of one direction of a tunnel.

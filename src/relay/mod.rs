@@ -123,8 +123,7 @@ impl GatewayClose {
     /// Code and reason sent (masked) to the backend.
     pub fn backend_close(self) -> (u16, &'static str) {
         match self {
-            GatewayClose::ClientViolation(Violation::TooLarge) => (1001, "client frame too large"),
-            GatewayClose::ClientViolation(_) => (1001, "client protocol error"),
+            GatewayClose::ClientViolation(v) => (1001, v.client_reason()),
             GatewayClose::BackendViolation(v) => (1002, v.reason()),
             other => other.client_close(),
         }
@@ -216,7 +215,8 @@ struct Dir {
     read_error: bool,
     /// The destination's write side was shut down.
     shut: bool,
-    /// Closing: stop forwarding at the next boundary, then send `close_frame`.
+    /// Closing: once a read ends on a frame boundary, send `close_frame` and stop forwarding.
+    /// Everything already read is relayed first, so nothing a peer sent before is lost.
     stop_at_boundary: bool,
     close_frame: Option<ControlFrame>,
     /// Forwarding is over (close sent or destination gone); reads are discarded.
@@ -547,7 +547,10 @@ where
                 let sent = |d: &Dir| {
                     d.stopped && d.pending_pos >= d.pending.len() && (d.shut || d.write_failed)
                 };
-                (sent(&self.up) && sent(&self.down) && self.up.eof && self.down.eof)
+                // A peer is done when it answered with its Close or hung up; the gateway then
+                // closes the TCP connection itself, as the server side of a close should.
+                let answered = |d: &Dir| d.eof || d.close_seen.is_some();
+                (sent(&self.up) && sent(&self.down) && answered(&self.up) && answered(&self.down))
                     || now >= deadline
             }
         }
@@ -720,13 +723,20 @@ where
                 }
                 return Some(());
             }
-            if d.stopped {
-                return Some(());
-            }
             let start = HEADROOM - d.carry_len;
             buf[start..HEADROOM].copy_from_slice(&d.carry[..d.carry_len]);
             d.carry_len = 0;
+            let frames_before = d.frames;
             let (out_end, f) = process(d, &mut buf, start, HEADROOM + n, keep);
+            if d.stopped {
+                d.frames = frames_before;
+                // After the gateway's Close nothing more is relayed; the frames are still
+                // followed so the peer's answering Close is seen.
+                if f.violation.is_some() {
+                    d.eof = true;
+                }
+                return Some(());
+            }
             found.activity |= f.activity;
             found.pong |= f.pong;
             found.close |= f.close;
@@ -745,10 +755,6 @@ where
             }
             if !out.is_empty() && !d.write_failed {
                 d.pending.extend_from_slice(out);
-            }
-            if f.violation.is_some() {
-                // Nothing after the offending header is relayed.
-                d.stop_at_boundary = true;
             }
             Some(())
         });
@@ -779,10 +785,6 @@ fn process(
             r += k;
             w += k;
             continue;
-        }
-        if d.stop_at_boundary {
-            // Closing: what follows the boundary is not relayed.
-            return (w, found);
         }
         let Some(h) = frame::parse_header(&buf[r..end]) else {
             let rest = end - r;

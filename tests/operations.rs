@@ -1,0 +1,370 @@
+//! Operations, against the real binary with real signals: systemd notifications, reloads that
+//! swap certificates without touching tunnels, a broken reload kept out, draining with Close
+//! frames and `/readyz`, metrics that move with traffic.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use support::*;
+use tokio::io::AsyncBufReadExt;
+use tokio_tungstenite::tungstenite::Message;
+
+/// The wsgate binary running a config, with its notify socket and log stream.
+struct Daemon {
+    child: Child,
+    notify: UnixDatagram,
+    tls: SocketAddr,
+    admin: SocketAddr,
+    config: PathBuf,
+    pki: Pki,
+    _logs: tokio::task::JoinHandle<()>,
+}
+
+impl Daemon {
+    async fn start(settings: &str, routes: &str) -> Daemon {
+        let pki = Pki::new();
+        let (cert, key) = pki.issue("localhost", &["localhost"]);
+        let config = pki.dir.path().join("wsgate.toml");
+        let text = format!(
+            "{settings}\n[log]\nformat = \"json\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n{routes}",
+            cert.display(),
+            key.display()
+        );
+        std::fs::write(&config, text).unwrap();
+        let sock_path = pki.dir.path().join("notify.sock");
+        let notify = UnixDatagram::bind(&sock_path).unwrap();
+        notify
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+            .arg("--config")
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &sock_path)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = tokio::process::ChildStderr::from_std(child.stderr.take().unwrap()).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let logs = tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    let msg = v["fields"]["message"].as_str().unwrap_or("").to_string();
+                    let addr = v["fields"]["addr"].as_str().unwrap_or("").to_string();
+                    let _ = tx.send((msg, addr));
+                }
+            }
+        });
+        let (mut tls, mut admin) = (None, None);
+        while tls.is_none() || admin.is_none() {
+            let (msg, addr) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            match msg.as_str() {
+                "listening" => tls = Some(addr.parse().unwrap()),
+                "admin listening" => admin = Some(addr.parse().unwrap()),
+                _ => {}
+            }
+        }
+        let d = Daemon {
+            child,
+            notify,
+            tls: tls.unwrap(),
+            admin: admin.unwrap(),
+            config,
+            pki,
+            _logs: logs,
+        };
+        assert_eq!(d.next_notify(), "READY=1");
+        d
+    }
+
+    fn next_notify(&self) -> String {
+        let mut buf = [0u8; 512];
+        let n = self
+            .notify
+            .recv(&mut buf)
+            .expect("a notify message in time");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    async fn ws(&self, path: &str) -> Ws {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let req = format!("wss://localhost:{}{path}", self.tls.port())
+            .into_client_request()
+            .unwrap();
+        let tcp = tokio::net::TcpStream::connect(self.tls).await.unwrap();
+        let connector = tokio_tungstenite::Connector::Rustls(self.pki.client_config());
+        tokio_tungstenite::client_async_tls_with_config(req, tcp, None, Some(connector))
+            .await
+            .unwrap()
+            .0
+    }
+
+    async fn leaf(&self) -> Vec<u8> {
+        let s = tls_connect(self.tls, self.pki.client_config(), "localhost")
+            .await
+            .unwrap();
+        s.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+    }
+
+    /// Waits for the process to exit; returns its status and how long that took.
+    fn wait(&mut self, limit: Duration) -> (std::process::ExitStatus, Duration) {
+        let started = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return (s, started.elapsed());
+            }
+            assert!(started.elapsed() < limit, "still running after {limit:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const SETTINGS: &str = "[server]\nlisten = [\"127.0.0.1:0\"]\nshutdown_grace = \"1500ms\"\ndrain_spread = \"500ms\"\n\
+                        [admin]\nlisten = \"127.0.0.1:0\"\n";
+
+async fn echo_roundtrip(ws: &mut Ws, text: &str) {
+    ws.send(Message::text(text)).await.unwrap();
+    assert_eq!(next_data(ws).await.into_text().unwrap().as_str(), text);
+}
+
+#[tokio::test]
+async fn reload_swaps_the_certificate_while_an_open_tunnel_keeps_echoing() {
+    let backend = EchoBackend::start().await;
+    let d = Daemon::start(SETTINGS, &route("/chat", backend.addr, "")).await;
+    let mut tunnel = d.ws("/chat").await;
+    echo_roundtrip(&mut tunnel, "before").await;
+    let old = d.leaf().await;
+    // certbot renews in place; the deploy hook reloads.
+    d.pki.issue("localhost", &["localhost"]);
+    d.signal("HUP");
+    let reloading = d.next_notify();
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading}"
+    );
+    assert_eq!(d.next_notify(), "READY=1");
+    let new = d.leaf().await;
+    assert_ne!(old, new, "new connections get the new certificate");
+    echo_roundtrip(&mut tunnel, "after").await;
+    let (status, body) = http_get(d.admin, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("wsgate_config_reloads_total{result=\"ok\"} 1"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn broken_reload_keeps_the_old_configuration_and_shows_in_metrics() {
+    let backend = EchoBackend::start().await;
+    let d = Daemon::start(SETTINGS, &route("/chat", backend.addr, "")).await;
+    let good = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(
+        &d.config,
+        good.replace("[[routes]]", "[[routes]]\nbogus_key = 1"),
+    )
+    .unwrap();
+    d.signal("HUP");
+    assert!(d.next_notify().starts_with("RELOADING=1"));
+    assert_eq!(d.next_notify(), "READY=1", "still up after a failed reload");
+    let mut ws = d.ws("/chat").await;
+    echo_roundtrip(&mut ws, "old routes still served").await;
+    let (_, body) = http_get(d.admin, "/metrics").await;
+    assert!(
+        body.contains("wsgate_config_reloads_total{result=\"failed\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("wsgate_config_last_reload_successful 0"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn reload_adds_and_removes_listeners() {
+    let backend = EchoBackend::start().await;
+    let d = Daemon::start(SETTINGS, &route("/chat", backend.addr, "")).await;
+    let free = dead_addr().await;
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    let with_plain = text.replace(
+        "[server]\n",
+        &format!("[server]\nlisten_plain = [\"{free}\"]\n"),
+    );
+    std::fs::write(&d.config, &with_plain).unwrap();
+    d.signal("HUP");
+    d.next_notify();
+    assert_eq!(d.next_notify(), "READY=1");
+    let (status, _) = http_get(free, "/nowhere").await;
+    assert_eq!(status, 404, "the new plain listener answers");
+    std::fs::write(&d.config, &text).unwrap();
+    d.signal("HUP");
+    d.next_notify();
+    d.next_notify();
+    assert!(
+        tokio::net::TcpStream::connect(free).await.is_err(),
+        "the removed listener is closed"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_drains_with_close_1001_and_exits_zero_within_grace() {
+    let mut backend = EchoBackend::start().await;
+    let mut d = Daemon::start(SETTINGS, &route("/chat", backend.addr, "")).await;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let mut ws = d.ws("/chat").await;
+        echo_roundtrip(&mut ws, &format!("client {i}")).await;
+        clients.push(ws);
+    }
+    let (status, _) = http_get(d.admin, "/readyz").await;
+    assert_eq!(status, 200);
+    let started = Instant::now();
+    d.signal("TERM");
+    assert_eq!(d.next_notify(), "STOPPING=1");
+    let (status, _) = http_get(d.admin, "/readyz").await;
+    assert_eq!(status, 503, "readyz turns 503 while draining");
+    assert!(
+        tokio::net::TcpStream::connect(d.tls).await.is_err(),
+        "new connections are refused at once"
+    );
+    // Tunnels keep working during the grace period.
+    echo_roundtrip(&mut clients[0], "still here").await;
+    for ws in &mut clients {
+        match next_data(ws).await {
+            Message::Close(Some(c)) => {
+                assert_eq!((u16::from(c.code), c.reason.as_str()), (1001, "going away"))
+            }
+            other => panic!("expected Close 1001, got {other:?}"),
+        }
+        while let Some(Ok(_)) = ws.next().await {}
+    }
+    let closed_after = started.elapsed();
+    assert!(
+        closed_after >= Duration::from_millis(900),
+        "tunnels ran until the spread window: {closed_after:?}"
+    );
+    for _ in 0..3 {
+        let c = backend.next_close().await.expect("backend told too");
+        assert_eq!(u16::from(c.code), 1001);
+    }
+    let (status, took) = d.wait(Duration::from_secs(5));
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(1500 + 700),
+        "exited within the grace: {:?}",
+        took
+    );
+}
+
+#[tokio::test]
+async fn a_second_sigterm_exits_at_once() {
+    let backend = EchoBackend::start().await;
+    let settings = SETTINGS.replace("1500ms", "60s");
+    let mut d = Daemon::start(&settings, &route("/chat", backend.addr, "")).await;
+    let _ws = d.ws("/chat").await;
+    d.signal("TERM");
+    assert_eq!(d.next_notify(), "STOPPING=1");
+    d.signal("TERM");
+    let (_, took) = d.wait(Duration::from_secs(5));
+    assert!(took < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn a_refused_origin_raises_the_origin_counter_by_one() {
+    let backend = EchoBackend::start().await;
+    let gate = Gate::start(BASE, &route("/chat", backend.addr, "")).await;
+    let count = |m: &str| {
+        m.lines()
+            .find(|l| l.starts_with("wsgate_handshake_rejections_total{reason=\"origin\"}"))
+            .map_or(0, |l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+    };
+    let before = count(&gate.metrics().await);
+    let resp = gate
+        .raw(upgrade_request("/chat", "Origin: https://evil.example\r\n").as_bytes())
+        .await;
+    assert_eq!(status_of(&resp), 403);
+    assert_eq!(count(&gate.metrics().await), before + 1);
+    let (mut ws, _) = gate
+        .ws("/chat", &[("Origin", "https://good.example")])
+        .await
+        .unwrap();
+    echo_roundtrip(&mut ws, "x").await;
+    let normal = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+        code: 1000.into(),
+        reason: "done".into(),
+    };
+    ws.close(Some(normal)).await.unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+    let m = wait_metric(&gate, "wsgate_connections_open{route=\"/chat\"} 0").await;
+    assert!(
+        m.contains("wsgate_connections_total{route=\"/chat\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("wsgate_closes_total{code=\"1000\",side=\"client\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("wsgate_relayed_frames_total{direction=\"client_to_backend\"} 2"),
+        "{m}"
+    );
+}
+
+#[test]
+fn check_flag_prints_ok_or_every_error_with_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[server]\nlisten = [\"127.0.0.1:1\"]\nhandshake_timeout = 10\n[websocket]\nidle_timeout = \"forever\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args(["--check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("bad.toml:3: server.handshake_timeout: 10 has no unit"),
+        "{text}"
+    );
+    assert!(
+        text.contains("bad.toml:5: websocket.idle_timeout"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tls.cert"),
+        "missing certificate reported too: {text}"
+    );
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args(["--check", "--config", example])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "ok\n");
+    assert!(out.status.success());
+}
