@@ -1,0 +1,369 @@
+// End-to-end suite: the clients people really use, each talking to a real backend through a
+// real wsgate process on loopback. Every step prints what it checked; a failure names the
+// client, the step and what it saw. The last line is "N passed, M failed".
+
+import { spawn, execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import https from 'node:https';
+import http from 'node:http';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { WebSocketServer, WebSocket } from 'ws';
+import { Server as IoServer } from 'socket.io';
+import { io as ioClient } from 'socket.io-client';
+import { chromium } from 'playwright-core';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const root = path.resolve(here, '../..');
+const wsgateBin = process.env.WSGATE_BIN || path.join(root, 'target/debug/wsgate');
+const python = process.env.E2E_PYTHON || 'python3';
+const only = process.argv[2];
+
+let passed = 0;
+let failed = 0;
+const children = [];
+
+function check(client, step, ok, saw) {
+  if (ok) {
+    passed++;
+    console.log(`ok   ${client}: ${step}`);
+  } else {
+    failed++;
+    console.log(`FAIL ${client}: ${step} (saw: ${typeof saw === 'string' ? saw : JSON.stringify(saw)})`);
+  }
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+function withTimeout(promise, ms, what) {
+  return Promise.race([promise, sleep(ms).then(() => { throw new Error(`timed out after ${ms} ms: ${what}`); })]);
+}
+
+async function freePort() {
+  return new Promise((resolve) => {
+    const s = net.createServer();
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+function run(cmd, args, opts = {}) {
+  const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], ...opts });
+  children.push(child);
+  child.lines = [];
+  child.waiters = [];
+  let buf = '';
+  child.stdout.on('data', (d) => {
+    buf += d;
+    let i;
+    while ((i = buf.indexOf('\n')) >= 0) {
+      const line = buf.slice(0, i);
+      buf = buf.slice(i + 1);
+      child.lines.push(line);
+      for (const w of child.waiters.splice(0)) w();
+    }
+  });
+  child.stderrText = '';
+  child.stderr.on('data', (d) => { child.stderrText += d; });
+  child.waitLine = async (pred, ms, what) => withTimeout((async () => {
+    for (;;) {
+      const hit = child.lines.find(pred);
+      if (hit) return hit;
+      await new Promise((r) => child.waiters.push(r));
+    }
+  })(), ms, what);
+  return child;
+}
+
+function certificates(dir) {
+  const o = (args) => execFileSync('openssl', args, { cwd: dir, stdio: 'pipe' });
+  o(['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-days', '2',
+    '-keyout', 'ca-key.pem', '-out', 'ca.pem', '-subj', '/CN=wsgate e2e CA',
+    '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign']);
+  o(['req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', 'leaf-key.pem',
+    '-out', 'leaf.csr', '-subj', '/CN=localhost']);
+  fs.writeFileSync(path.join(dir, 'ext.cnf'), 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n');
+  o(['x509', '-req', '-in', 'leaf.csr', '-CA', 'ca.pem', '-CAkey', 'ca-key.pem', '-CAcreateserial',
+    '-days', '2', '-out', 'leaf.pem', '-extfile', 'ext.cnf']);
+  // Chromium trusts exactly this key via --ignore-certificate-errors-spki-list.
+  const pub = execFileSync('openssl', ['x509', '-in', 'leaf.pem', '-pubkey', '-noout'], { cwd: dir });
+  const der = execFileSync('openssl', ['pkey', '-pubin', '-outform', 'der'], { input: pub });
+  const spki = execFileSync('openssl', ['dgst', '-sha256', '-binary'], { input: der }).toString('base64');
+  return {
+    ca: path.join(dir, 'ca.pem'),
+    cert: path.join(dir, 'leaf.pem'),
+    key: path.join(dir, 'leaf-key.pem'),
+    spki,
+  };
+}
+
+async function metric(adminPort, name) {
+  const text = await new Promise((resolve, reject) => {
+    http.get({ host: '127.0.0.1', port: adminPort, path: '/metrics' }, (res) => {
+      let b = '';
+      res.on('data', (d) => { b += d; });
+      res.on('end', () => resolve(b));
+    }).on('error', reject);
+  });
+  const line = text.split('\n').find((l) => l.startsWith(name + ' '));
+  return line ? Number(line.split(' ').pop()) : 0;
+}
+
+async function waitReady(adminPort) {
+  for (let i = 0; i < 200; i++) {
+    const ok = await new Promise((resolve) => {
+      http.get({ host: '127.0.0.1', port: adminPort, path: '/readyz' }, (res) => {
+        res.resume();
+        resolve(res.statusCode === 200);
+      }).on('error', () => resolve(false));
+    });
+    if (ok) return;
+    await sleep(50);
+  }
+  throw new Error('wsgate never became ready');
+}
+
+// A ws backend: echoes, picks the first offered subprotocol, compresses, counts connections by path.
+function wsBackend(port) {
+  const seen = {};
+  const wss = new WebSocketServer({
+    host: '127.0.0.1',
+    port,
+    perMessageDeflate: { threshold: 0 },
+    handleProtocols: (protocols) => protocols.values().next().value ?? false,
+  });
+  wss.on('connection', (ws, req) => {
+    const p = new URL(req.url, 'http://x').pathname;
+    seen[p] = (seen[p] || 0) + 1;
+    ws.on('message', (data, isBinary) => ws.send(data, { binary: isBinary }));
+  });
+  return { wss, seen };
+}
+
+function ioBackend(port, name, mountPath) {
+  const server = http.createServer();
+  const ioServer = new IoServer(server, { path: mountPath });
+  ioServer.on('connection', (socket) => {
+    socket.emit('welcome', { from: name });
+    socket.on('hello', (msg, ack) => ack({ from: name, echo: msg }));
+  });
+  return new Promise((resolve) => server.listen(port, '127.0.0.1', () => resolve({ server, ioServer })));
+}
+
+function originServer(port, tls) {
+  const server = https.createServer({ cert: fs.readFileSync(tls.cert), key: fs.readFileSync(tls.key) }, (req, res) => {
+    res.writeHead(200, { 'content-type': 'text/html' });
+    res.end('<!doctype html><title>wsgate e2e origin</title><p>test origin</p>');
+  });
+  return new Promise((resolve) => server.listen(port, '127.0.0.1', () => resolve(server)));
+}
+
+async function browserCase(ctx) {
+  const client = 'chromium';
+  const browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    headless: true,
+    args: ['--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
+      '--disable-component-update', '--disable-sync', `--ignore-certificate-errors-spki-list=${ctx.tls.spki}`],
+  });
+  try {
+    const attempt = async (originPort) => {
+      const page = await browser.newPage();
+      await page.goto(`https://localhost:${originPort}/`);
+      const result = await page.evaluate(async (url) => new Promise((resolve) => {
+        const out = { opened: false, got: [], code: null, error: false };
+        const ws = new WebSocket(url);
+        ws.binaryType = 'arraybuffer';
+        ws.onopen = () => {
+          out.opened = true;
+          ws.send('hello from the browser');
+          ws.send(new Uint8Array([1, 2, 3, 250]));
+        };
+        ws.onmessage = (e) => {
+          out.got.push(typeof e.data === 'string' ? e.data : Array.from(new Uint8Array(e.data)));
+          if (out.got.length === 2) ws.close(1000, 'done');
+        };
+        ws.onerror = () => { out.error = true; };
+        ws.onclose = (e) => { out.code = e.code; resolve(out); };
+        setTimeout(() => resolve(out), 8000);
+      }), `wss://localhost:${ctx.gwPort}/browser`);
+      await page.close();
+      return result;
+    };
+    const good = await attempt(ctx.allowedOrigin);
+    check(client, 'page from the allowed origin opens wss through wsgate', good.opened, good);
+    check(client, 'text echoed', good.got[0] === 'hello from the browser', good.got);
+    check(client, 'binary echoed', JSON.stringify(good.got[1]) === '[1,2,3,250]', good.got);
+    check(client, 'clean close 1000', good.code === 1000, good.code);
+    const before = ctx.ws.seen['/browser'] || 0;
+    const bad = await attempt(ctx.otherOrigin);
+    check(client, 'page from another origin is refused (the page sees the failure)', !bad.opened && bad.error && bad.code === 1006, bad);
+    check(client, 'the backend saw nothing of the refused page', (ctx.ws.seen['/browser'] || 0) === before, ctx.ws.seen);
+  } finally {
+    await browser.close();
+  }
+}
+
+async function nodeWsCase(ctx) {
+  const client = 'node ws';
+  const url = `wss://localhost:${ctx.gwPort}/node`;
+  const bytesBefore = await metric(ctx.adminPort, 'wsgate_relayed_bytes_total{direction="client_to_backend"}');
+  const ws = new WebSocket(url, ['v2.chat', 'v1.chat'], { ca: fs.readFileSync(ctx.tls.ca), perMessageDeflate: { threshold: 0 } });
+  await withTimeout(new Promise((resolve, reject) => { ws.once('open', resolve); ws.once('error', reject); }), 10000, 'open');
+  check(client, 'subprotocol negotiated end to end', ws.protocol === 'v2.chat', ws.protocol);
+  check(client, 'permessage-deflate negotiated end to end', ws.extensions.startsWith('permessage-deflate'), ws.extensions);
+  const next = () => new Promise((resolve) => ws.once('message', (data, isBinary) => resolve({ data, isBinary })));
+  let m = next();
+  ws.send('plain text');
+  let r = await withTimeout(m, 5000, 'text echo');
+  check(client, 'text echoed', !r.isBinary && r.data.toString() === 'plain text', r.data.toString());
+  const bin = Buffer.from(Array.from({ length: 5000 }, (_, i) => i % 256));
+  m = next();
+  ws.send(bin);
+  r = await withTimeout(m, 5000, 'binary echo');
+  check(client, 'binary echoed', r.isBinary && Buffer.compare(r.data, bin) === 0, r.data.length);
+  const big = 'compressible '.repeat(40000);
+  m = next();
+  ws.send(big);
+  r = await withTimeout(m, 10000, 'compressed echo');
+  check(client, `520 KB compressible text echoed`, r.data.toString() === big, r.data.length);
+  await new Promise((resolve) => { ws.once('close', resolve); ws.close(1000, 'bye'); });
+  for (let i = 0; i < 100 && (await metric(ctx.adminPort, 'wsgate_connections_open{route="/node"}')) > 0; i++) await sleep(50);
+  const relayed = (await metric(ctx.adminPort, 'wsgate_relayed_bytes_total{direction="client_to_backend"}')) - bytesBefore;
+  check(client, 'compressed frames passed untouched (far fewer bytes relayed than sent)', relayed > 0 && relayed < 60000, relayed);
+}
+
+async function pythonCase(ctx) {
+  const client = 'python websockets';
+  const c = run(python, [path.join(here, 'py_case.py'), 'client', `wss://localhost:${ctx.gwPort}/py`, ctx.tls.ca]);
+  const code = await withTimeout(new Promise((resolve) => c.on('exit', resolve)), 60000, 'python client');
+  const steps = c.lines.map((l) => JSON.parse(l));
+  for (const s of steps) check(client, s.step, s.ok, s.saw ?? '');
+  if (code !== 0 || steps.length < 6) check(client, 'client ran all steps', false, c.stderrText.slice(-800));
+  const line = await ctx.py.waitLine((l) => l.includes('"code": 4000'), 5000, 'backend sees 4000').catch(() => null);
+  check(client, 'backend saw the client close code 4000 and its reason', line && line.includes('client bye'), ctx.py.lines);
+}
+
+async function socketIoConnect(ctx, mount, ms) {
+  const socket = ioClient(`https://localhost:${ctx.gwPort}`, {
+    path: mount,
+    ca: fs.readFileSync(ctx.tls.ca),
+    reconnection: false,
+    timeout: ms,
+  });
+  const state = { welcome: null, upgraded: false, error: null, ack: null };
+  socket.on('welcome', (w) => { state.welcome = w; });
+  socket.on('connect_error', (e) => { state.error = e.message; });
+  socket.io.engine.on('upgrade', (t) => { state.upgraded = t.name === 'websocket'; });
+  // The manager opens on the first transport, before any upgrade.
+  socket.io.on('open', () => { state.initialTransport = socket.io.engine.transport.name; });
+  const deadline = Date.now() + ms;
+  while (Date.now() < deadline && !(state.welcome && state.upgraded) && !state.error) await sleep(20);
+  if (state.welcome && state.upgraded) {
+    state.ack = await withTimeout(new Promise((resolve) => socket.emit('hello', 'from the client', resolve)), 5000, 'ack').catch((e) => e.message);
+  }
+  socket.close();
+  return state;
+}
+
+async function socketIoCase(ctx) {
+  const client = 'socket.io';
+  const s = await socketIoConnect(ctx, '/single/socket.io/', 8000);
+  check(client, 'connects with long polling first', s.initialTransport === 'polling', s);
+  check(client, 'upgrades to WebSocket through the gateway', s.upgraded, s);
+  check(client, 'server event reaches the client', s.welcome && s.welcome.from === 'single', s.welcome);
+  check(client, 'client event reaches the server and is acknowledged', s.ack && s.ack.echo === 'from the client', s.ack);
+  for (let i = 0; i < 3; i++) {
+    const t = await socketIoConnect(ctx, '/sticky/socket.io/', 8000);
+    check(client, `two backends with sticky = "ip_hash": client ${i + 1} polls, upgrades and exchanges events`,
+      t.upgraded && t.welcome && t.ack && t.ack.from === t.welcome.from, t);
+  }
+  const rr = await socketIoConnect(ctx, '/rr/socket.io/', 4000);
+  check(client, 'two backends without stickiness: the session breaks (polling requests reach different backends)',
+    !(rr.upgraded && rr.ack && rr.ack.echo), rr);
+}
+
+async function websocatCase() {
+  const client = 'websocat (README example)';
+  const cfg = path.join(root, 'config.example.toml');
+  const echo = run(path.join(root, 'target/debug/examples/echo_backend'), []);
+  await echo.waitLine((l) => l.includes('echo backend'), 10000, 'echo backend');
+  const gw = run(wsgateBin, ['--config', cfg]);
+  try {
+    await waitReady(9090);
+    // Exactly the README's command, fed one line.
+    const out = execFileSync('websocat', ['--one-message', 'wss://localhost:8443/echo'], {
+      cwd: root,
+      input: 'hello through wsgate\n',
+      env: { ...process.env, SSL_CERT_FILE: path.join(root, 'certs/localhost.pem') },
+      timeout: 15000,
+    }).toString();
+    check(client, 'a line sent through wss://localhost:8443/echo comes back', out.trim() === 'hello through wsgate', out);
+  } finally {
+    gw.kill('SIGTERM');
+    echo.kill();
+  }
+}
+
+async function main() {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'wsgate-e2e-'));
+  const tls = certificates(dir);
+  const [gwPort, adminPort, wsPort, pyPort, allowedOrigin, otherOrigin, ...ioPorts] = await Promise.all(
+    Array.from({ length: 11 }, freePort));
+  const ws = wsBackend(wsPort);
+  const py = run(python, [path.join(here, 'py_case.py'), 'serve', String(pyPort)]);
+  await py.waitLine((l) => l.includes('ready'), 15000, 'python backend');
+  const ios = [
+    await ioBackend(ioPorts[0], 'single', '/single/socket.io/'),
+    await ioBackend(ioPorts[1], 'sticky-a', '/sticky/socket.io/'),
+    await ioBackend(ioPorts[2], 'sticky-b', '/sticky/socket.io/'),
+    await ioBackend(ioPorts[3], 'rr-a', '/rr/socket.io/'),
+    await ioBackend(ioPorts[4], 'rr-b', '/rr/socket.io/'),
+  ];
+  const origins = [await originServer(allowedOrigin, tls), await originServer(otherOrigin, tls)];
+  const route = (p, backends, extra = '') =>
+    `[[routes]]\npath = "${p}"\nbackends = [${backends.map((b) => `"127.0.0.1:${b}"`).join(', ')}]\n${extra}\n`;
+  const config = `[server]\nlisten = ["127.0.0.1:${gwPort}"]\n[tls]\ncert = "${tls.cert}"\nkey = "${tls.key}"\n` +
+    `[limits]\nper_ip_rate = 10000\nper_ip_burst = 10000\n[admin]\nlisten = "127.0.0.1:${adminPort}"\n` +
+    route('/browser', [wsPort], `allowed_origins = ["https://localhost:${allowedOrigin}"]`) +
+    route('/node', [wsPort], 'allow_missing_origin = true') +
+    route('/py', [pyPort], 'allow_missing_origin = true') +
+    route('/single', [ioPorts[0]], 'allow_missing_origin = true') +
+    route('/sticky', [ioPorts[1], ioPorts[2]], 'allow_missing_origin = true\nsticky = "ip_hash"') +
+    route('/rr', [ioPorts[3], ioPorts[4]], 'allow_missing_origin = true');
+  const cfgPath = path.join(dir, 'wsgate.toml');
+  fs.writeFileSync(cfgPath, config);
+  const gw = run(wsgateBin, ['--config', cfgPath]);
+  await waitReady(adminPort);
+  const ctx = { tls, gwPort, adminPort, ws, py, allowedOrigin, otherOrigin };
+  const cases = [['chromium', browserCase], ['node ws', nodeWsCase], ['python websockets', pythonCase],
+    ['socket.io', socketIoCase], ['websocat', websocatCase]];
+  for (const [name, fn] of cases) {
+    if (only && only !== name) continue;
+    const started = Date.now();
+    try {
+      await withTimeout(fn(ctx), 120000, name);
+    } catch (e) {
+      check(name, 'case ran to the end', false, e.stack || String(e));
+    }
+    console.log(`--   ${name} took ${Date.now() - started} ms`);
+  }
+  gw.kill('SIGTERM');
+  ws.wss.close();
+  for (const s of ios) s.ioServer.close();
+  for (const s of origins) s.close();
+  if (failed > 0) console.log(`wsgate log (last lines):\n${gw.stderrText.split('\n').slice(-30).join('\n')}`);
+}
+
+try {
+  await main();
+} catch (e) {
+  check('suite', 'set-up', false, e.stack || String(e));
+}
+for (const c of children) if (c.exitCode === null) c.kill('SIGKILL');
+console.log(`${passed} passed, ${failed} failed`);
+process.exit(failed > 0 ? 1 : 0);
