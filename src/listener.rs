@@ -31,6 +31,16 @@ pub struct Listeners {
 struct Entry {
     local: SocketAddr,
     stop: CancellationToken,
+    socket: Arc<TcpListener>,
+}
+
+impl Entry {
+    /// Stops accepting now: on Linux, shutting down a listening socket's read side makes the
+    /// kernel refuse new connections at once, before the accept task even runs again.
+    fn close(&self) {
+        self.stop.cancel();
+        let _ = socket2::SockRef::from(&*self.socket).shutdown(std::net::Shutdown::Read);
+    }
 }
 
 impl Listeners {
@@ -60,14 +70,27 @@ impl Listeners {
             let local = l.local_addr().unwrap_or(key.0);
             let stop = CancellationToken::new();
             tracing::info!(addr = %local, tls = key.1, "listening");
-            tokio::spawn(accept_loop(shared.clone(), l, key.1, stop.clone()));
-            map.insert(key, Entry { local, stop });
+            let socket = Arc::new(l);
+            tokio::spawn(accept_loop(
+                shared.clone(),
+                socket.clone(),
+                key.1,
+                stop.clone(),
+            ));
+            map.insert(
+                key,
+                Entry {
+                    local,
+                    stop,
+                    socket,
+                },
+            );
         }
         map.retain(|key, e| {
             let keep = wanted.contains(key);
             if !keep {
                 tracing::info!(addr = %e.local, "listener removed");
-                e.stop.cancel();
+                e.close();
             }
             keep
         });
@@ -77,7 +100,7 @@ impl Listeners {
     /// Stops every listener (draining): new connections are refused by the kernel at once.
     pub fn close_all(&self) {
         for (_, e) in self.lock().drain() {
-            e.stop.cancel();
+            e.close();
         }
     }
 
@@ -109,13 +132,14 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 
 async fn accept_loop(
     shared: Arc<Shared>,
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     tls: bool,
     stop: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
+            biased;
             _ = stop.cancelled() => return,
             r = listener.accept() => r,
         };

@@ -126,8 +126,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             _ = int.recv() => break,
         }
     }
-    systemd::stopping();
     handle.drain_configured();
+    systemd::stopping();
     tokio::select! {
         r = run => r.context("gateway task failed")?,
         _ = term.recv() => tracing::warn!("second signal: exiting now"),

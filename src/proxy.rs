@@ -202,6 +202,8 @@ async fn tunnel(
         stream,
         leftover,
     } = t;
+    // Only what the backend sent past its 101 is kept, not hyper's whole read buffer.
+    let leftover = Bytes::copy_from_slice(&leftover);
     ctx.shared.tasks.spawn(async move {
         let _permit = permit;
         let upgraded = match on_upgrade.await {
@@ -216,9 +218,17 @@ async fn tunnel(
             return;
         };
         let (client_io, rest) = parts.io.into_inner().into_inner();
-        let mut prefix = BytesMut::from(&parts.read_buf[..]);
-        prefix.extend_from_slice(&rest);
-        run_tunnel(shared, settings, client, client_io, prefix.freeze(), stream, leftover, label, backend_name).await;
+        let prefix = if parts.read_buf.is_empty() && rest.is_empty() {
+            Bytes::new()
+        } else {
+            let mut p = BytesMut::from(&parts.read_buf[..]);
+            p.extend_from_slice(&rest);
+            p.freeze()
+        };
+        // hyper's read buffer must not live as long as the tunnel.
+        drop(parts.read_buf);
+        drop(rest);
+        run_tunnel(shared, settings, client, client_io, prefix, stream, leftover, label, backend_name).await;
     });
     response.map(|()| Empty::new().map_err(|e| match e {}).boxed_unsync())
 }

@@ -699,7 +699,12 @@ where
             let n = if !d.prefix.is_empty() {
                 let n = d.prefix.len().min(SCRATCH);
                 buf[HEADROOM..HEADROOM + n].copy_from_slice(&d.prefix[..n]);
-                let _ = d.prefix.split_to(n);
+                if n == d.prefix.len() {
+                    // An emptied Bytes would still pin the handshake's read buffer.
+                    d.prefix = Bytes::new();
+                } else {
+                    let _ = d.prefix.split_to(n);
+                }
                 n
             } else {
                 let mut rb = ReadBuf::new(&mut buf[HEADROOM..]);

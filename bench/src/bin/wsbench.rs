@@ -1,0 +1,227 @@
+//! The benchmark's load generator. One thread (it is pinned to the rig's CPU). Modes:
+//!
+//! - `idle URL N`: open N tunnels, print `ready`, hold them until stdin closes or says `go`.
+//! - `echo URL N SIZE COUNT`: open N tunnels, print `ready`, wait for `go`, then each tunnel does
+//!   COUNT closed-loop round trips of SIZE-byte binary messages.
+//! - `paced URL N SIZE RATE SECS`: like echo, but all tunnels together send RATE messages a
+//!   second for SECS seconds.
+//! - `handshake URL CONC COUNT`: print `ready`, wait for `go`, then COUNT fresh TLS 1.3
+//!   connections (no resumption) each do the WebSocket handshake and close, CONC at a time.
+//!
+//! Results are one JSON line: counts, elapsed seconds and round-trip percentiles in µs.
+//! `CA` in the environment names the PEM the proxies' certificate is trusted through.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use rustls_pki_types::pem::PemObject;
+use tokio::io::AsyncBufReadExt;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, run(args));
+}
+
+async fn run(args: Vec<String>) {
+    let arg = |i: usize| args.get(i).cloned().unwrap_or_else(|| usage());
+    let num = |i: usize| arg(i).parse::<u64>().unwrap_or_else(|_| usage());
+    let connector = connector();
+    match arg(0).as_str() {
+        "idle" => {
+            let tunnels = open_many(&arg(1), num(2), &connector).await;
+            println!("ready");
+            wait_go().await;
+            println!("{}", serde_json::json!({"mode": "idle", "tunnels": tunnels.len()}));
+        }
+        "echo" => {
+            let tunnels = open_many(&arg(1), num(2), &connector).await;
+            let (size, count) = (num(3) as usize, num(4));
+            println!("ready");
+            wait_go().await;
+            let started = Instant::now();
+            let hists = join_all(tunnels.into_iter().map(|ws| tokio::task::spawn_local(closed_loop(ws, size, count)))).await;
+            report("echo", started, hists);
+        }
+        "paced" => {
+            let n = num(2);
+            let tunnels = open_many(&arg(1), n, &connector).await;
+            let (size, rate, secs) = (num(3) as usize, num(4), num(5));
+            println!("ready");
+            wait_go().await;
+            let started = Instant::now();
+            let period = Duration::from_secs_f64(n as f64 / rate as f64);
+            let until = started + Duration::from_secs(secs);
+            let hists = join_all(tunnels.into_iter().enumerate().map(|(i, ws)| {
+                // Stagger the tunnels evenly over one period.
+                let offset = period.mul_f64(i as f64 / n as f64);
+                tokio::task::spawn_local(paced_loop(ws, size, period, started + offset, until))
+            }))
+            .await;
+            report("paced", started, hists);
+        }
+        "handshake" => {
+            let (conc, count) = (num(2), num(3));
+            let url = arg(1);
+            println!("ready");
+            wait_go().await;
+            let started = Instant::now();
+            let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let workers = (0..conc).map(|_| {
+                let (url, next, connector) = (url.clone(), next.clone(), connector.clone());
+                tokio::task::spawn_local(async move {
+                    let mut h = hist();
+                    while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < count {
+                        let t = Instant::now();
+                        let mut ws = open(&url, &connector).await;
+                        let _ = ws.close(None).await;
+                        while let Some(Ok(_)) = ws.next().await {}
+                        let _ = h.record(t.elapsed().as_micros() as u64);
+                    }
+                    h
+                })
+            });
+            let hists = join_all(workers).await;
+            report("handshake", started, hists);
+        }
+        _ => usage(),
+    }
+}
+
+fn usage() -> ! {
+    eprintln!("usage: wsbench idle|echo|paced|handshake URL ... (see the source header)");
+    std::process::exit(2)
+}
+
+fn connector() -> Connector {
+    let mut roots = rustls::RootCertStore::empty();
+    if let Ok(path) = std::env::var("CA") {
+        for cert in rustls_pki_types::CertificateDer::pem_file_iter(&path).expect("CA file") {
+            roots.add(cert.expect("CA cert")).expect("CA cert");
+        }
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    // Every handshake is a full one, as when a fleet of new clients arrives.
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Connector::Rustls(Arc::new(cfg))
+}
+
+async fn open(url: &str, connector: &Connector) -> Ws {
+    let u: tokio_tungstenite::tungstenite::http::Uri = url.parse().expect("url");
+    let host = u.host().expect("host");
+    let port = u.port_u16().unwrap_or(443);
+    let tcp = TcpStream::connect((if host == "localhost" { "127.0.0.1" } else { host }, port)).await.expect("connect");
+    let _ = tcp.set_nodelay(true);
+    let (ws, _) = tokio_tungstenite::client_async_tls_with_config(url, tcp, None, Some(connector.clone()))
+        .await
+        .expect("handshake");
+    ws
+}
+
+async fn open_many(url: &str, n: u64, connector: &Connector) -> Vec<Ws> {
+    let mut out = Vec::with_capacity(n as usize);
+    // A few at a time, so the proxies' accept queues and rate limits are not what is measured.
+    let mut pending = Vec::new();
+    for i in 0..n {
+        let (url, c) = (url.to_string(), connector.clone());
+        pending.push(tokio::task::spawn_local(async move { open(&url, &c).await }));
+        if pending.len() == 64 || i + 1 == n {
+            out.extend(join_all(pending.drain(..)).await);
+        }
+    }
+    out
+}
+
+async fn closed_loop(mut ws: Ws, size: usize, count: u64) -> Histogram<u64> {
+    let mut h = hist();
+    let payload = vec![0x5a; size];
+    for _ in 0..count {
+        let t = Instant::now();
+        ws.send(Message::binary(payload.clone())).await.expect("send");
+        next_data(&mut ws).await;
+        let _ = h.record(t.elapsed().as_micros() as u64);
+    }
+    h
+}
+
+async fn paced_loop(mut ws: Ws, size: usize, period: Duration, first: Instant, until: Instant) -> Histogram<u64> {
+    let mut h = hist();
+    let payload = vec![0x5a; size];
+    let mut tick = tokio::time::interval_at(first.into(), period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        if Instant::now() >= until {
+            break;
+        }
+        let t = Instant::now();
+        ws.send(Message::binary(payload.clone())).await.expect("send");
+        next_data(&mut ws).await;
+        let _ = h.record(t.elapsed().as_micros() as u64);
+    }
+    h
+}
+
+async fn next_data(ws: &mut Ws) {
+    loop {
+        match ws.next().await {
+            Some(Ok(m)) if m.is_binary() || m.is_text() => return,
+            Some(Ok(_)) => {}
+            other => panic!("tunnel ended: {other:?}"),
+        }
+    }
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram")
+}
+
+async fn join_all<T: 'static>(handles: impl IntoIterator<Item = tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.expect("task"));
+    }
+    out
+}
+
+async fn wait_go() {
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(l)) = lines.next_line().await {
+        if l.trim() == "go" {
+            return;
+        }
+    }
+}
+
+fn report(mode: &str, started: Instant, hists: Vec<Histogram<u64>>) {
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut all = hist();
+    for h in &hists {
+        all.add(h).expect("merge");
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "mode": mode,
+            "count": all.len(),
+            "elapsed_s": elapsed,
+            "per_s": all.len() as f64 / elapsed,
+            "p50_us": all.value_at_quantile(0.5),
+            "p90_us": all.value_at_quantile(0.9),
+            "p99_us": all.value_at_quantile(0.99),
+            "max_us": all.max(),
+        })
+    );
+}
