@@ -36,10 +36,16 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&config);
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = config.server.workers {
-        rt.worker_threads(n.get());
-    }
+    // One worker needs no work-stealing scheduler: the current-thread one wakes tasks cheaper.
+    let mut rt = match config.server.workers.map(|n| n.get()) {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let rt = match rt.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -383,7 +383,7 @@ where
             let mut again = false;
             for (found, side) in [(up, Side::Client), (down, Side::Backend)] {
                 if found.activity {
-                    self.keep.last_activity = Instant::now();
+                    self.keep.last_activity = now;
                 }
                 if found.pong {
                     self.keep.pong_deadline = None;
@@ -396,7 +396,7 @@ where
                         Side::Client => GatewayClose::ClientViolation(v),
                         _ => GatewayClose::BackendViolation(v),
                     };
-                    self.start_close(why, Instant::now());
+                    self.start_close(why, now);
                     again = true;
                 }
             }
@@ -414,30 +414,34 @@ where
                     // A peer went away during the close handshake: nothing is left to say.
                     self.abandon();
                 } else if client_broke {
-                    self.start_close(GatewayClose::ClientGone, Instant::now());
+                    self.start_close(GatewayClose::ClientGone, now);
                     again = true;
                 } else if backend_broke {
-                    self.start_close(GatewayClose::BackendGone, Instant::now());
+                    self.start_close(GatewayClose::BackendGone, now);
                     again = true;
                 }
                 if self.handshake_deadline.is_none()
                     && self.up.close_seen.is_some()
                     && self.down.close_seen.is_some()
                 {
-                    self.handshake_deadline = Some(Instant::now() + CLOSE_WAIT);
+                    self.handshake_deadline = Some(now + CLOSE_WAIT);
                 }
             }
             if self.inject_frames() {
                 again = true;
             }
-            if self.finished(Instant::now()) {
+            if self.finished(now) {
                 return Poll::Ready(());
             }
             if again {
                 continue;
             }
-            let wake = self.next_wakeup(Instant::now());
-            if wake != self.keep.armed {
+            // One clock read per pass: the pumps take microseconds, far below any timeout.
+            let wake = self.next_wakeup(now);
+            // A deadline that moved later (activity pushes the idle one) needs no re-arming:
+            // an early wake-up just recomputes. Re-arming on every frame would cost a timer
+            // wheel update per message.
+            if wake < self.keep.armed || self.keep.armed <= now {
                 self.keep.armed = wake;
                 sleep.as_mut().reset(wake);
             }
@@ -568,14 +572,17 @@ where
             Phase::Closing { deadline, .. } => consider(Some(deadline)),
             Phase::Open => {
                 consider(self.keep.pong_deadline);
-                consider(self.keep.next_ping);
+                // A ping already due waits for a frame boundary, which only traffic brings:
+                // no timer for it, or the timer would fire in a loop.
+                consider(self.keep.next_ping.filter(|p| *p > now));
                 consider(self.keep.lifetime_end);
                 consider(self.drain_at);
                 consider(self.handshake_deadline);
                 if !self.keep.idle_timeout.is_zero() {
                     consider(Some(self.keep.last_activity + self.keep.idle_timeout));
                 }
-                if self.up.pending.capacity() > 0 || self.down.pending.capacity() > 0 {
+                let releasable = |d: &Dir| d.pending.is_empty() && d.pending.capacity() > 0;
+                if releasable(&self.up) || releasable(&self.down) {
                     consider(Some(self.keep.last_activity + Duration::from_secs(1)));
                 }
             }

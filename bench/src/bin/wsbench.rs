@@ -189,6 +189,8 @@ fn hist() -> Histogram<u64> {
 }
 
 async fn join_all<T: 'static>(handles: impl IntoIterator<Item = tokio::task::JoinHandle<T>>) -> Vec<T> {
+    // Spawn everything first: awaiting a lazy iterator would start each task after the last.
+    let handles: Vec<_> = handles.into_iter().collect();
     let mut out = Vec::new();
     for h in handles {
         out.push(h.await.expect("task"));
