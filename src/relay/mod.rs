@@ -218,7 +218,9 @@ struct Dir {
     /// Closing: once a read ends on a frame boundary, send `close_frame` and stop forwarding.
     /// Everything already read is relayed first, so nothing a peer sent before is lost.
     stop_at_boundary: bool,
-    close_frame: Option<ControlFrame>,
+    /// The gateway's Close for this direction's destination: code, reason, mask (the frame is
+    /// only encoded when sent, so an open tunnel does not carry it).
+    close_frame: Option<(u16, &'static str, Option<[u8; 4]>)>,
     /// Forwarding is over (close sent or destination gone); reads are discarded.
     stopped: bool,
     write_failed: bool,
@@ -504,13 +506,13 @@ where
         let (bc, br) = why.backend_close();
         // Client-side frames are unmasked; frames to the backend are masked since wsgate is its client.
         if why != GatewayClose::ClientGone && !self.down.write_failed {
-            self.down.close_frame = Some(ControlFrame::close(cc, cr, None));
+            self.down.close_frame = Some((cc, cr, None));
         } else {
             self.down.stopped = true;
         }
         if why != GatewayClose::BackendGone && !self.up.write_failed {
             let mask = mask_key(self.keep.seq, self.up.bytes);
-            self.up.close_frame = Some(ControlFrame::close(bc, br, Some(mask)));
+            self.up.close_frame = Some((bc, br, Some(mask)));
         } else {
             self.up.stopped = true;
         }
@@ -523,8 +525,8 @@ where
         let mut queued = false;
         for d in [&mut self.up, &mut self.down] {
             if d.stop_at_boundary && !d.stopped && d.tracker.at_boundary() {
-                if let Some(f) = d.close_frame.take() {
-                    d.queue(f.bytes());
+                if let Some((code, reason, mask)) = d.close_frame.take() {
+                    d.queue(ControlFrame::close(code, reason, mask).bytes());
                     queued = true;
                 }
                 d.stopped = true;

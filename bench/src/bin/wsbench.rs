@@ -38,9 +38,16 @@ async fn run(args: Vec<String>) {
     match arg(0).as_str() {
         "idle" => {
             let tunnels = open_many(&arg(1), num(2), &connector).await;
+            let n = tunnels.len();
+            // Idle tunnels still read, so gateway pings are answered as a real client would.
+            let readers: Vec<_> = tunnels
+                .into_iter()
+                .map(|mut ws| tokio::task::spawn_local(async move { while let Some(Ok(_)) = ws.next().await {} }))
+                .collect();
             println!("ready");
             wait_go().await;
-            println!("{}", serde_json::json!({"mode": "idle", "tunnels": tunnels.len()}));
+            let alive = readers.iter().filter(|r| !r.is_finished()).count();
+            println!("{}", serde_json::json!({"mode": "idle", "tunnels": n, "alive": alive}));
         }
         "echo" => {
             let tunnels = open_many(&arg(1), num(2), &connector).await;
