@@ -421,3 +421,25 @@ async fn data_sent_right_after_the_handshake_is_not_lost() {
     }
     assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 101"));
 }
+
+#[tokio::test]
+async fn unix_socket_backend_serves_upgrades() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("app.sock");
+    let mut seen = unix_echo_backend(&sock).await;
+    let r = format!(
+        "[[routes]]\npath = \"/chat\"\nbackends = [\"unix:{}\"]\nallow_missing_origin = true\n",
+        sock.display()
+    );
+    let gate = Gate::start(BASE, &r).await;
+    let (mut ws, _) = gate.ws("/chat", &[]).await.unwrap();
+    ws.send(Message::text("over a unix socket")).await.unwrap();
+    assert_eq!(
+        next_data(&mut ws).await.into_text().unwrap().as_str(),
+        "over a unix socket"
+    );
+    let Some(Seen::Request(h, _)) = seen.recv().await else {
+        panic!("request first")
+    };
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+}

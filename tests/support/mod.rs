@@ -319,7 +319,22 @@ impl EchoBackend {
     }
 }
 
-async fn echo_conn(s: TcpStream, tx: mpsc::UnboundedSender<Seen>) {
+/// A tungstenite echo backend on a Unix socket at `path`.
+pub async fn unix_echo_backend(path: &std::path::Path) -> mpsc::UnboundedReceiver<Seen> {
+    let l = tokio::net::UnixListener::bind(path).unwrap();
+    let (tx, seen) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(echo_conn(s, tx.clone()));
+        }
+    });
+    seen
+}
+
+async fn echo_conn<S>(s: S, tx: mpsc::UnboundedSender<Seen>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let tx2 = tx.clone();
     let cb = move |req: &Request, mut resp: Response| {
         let _ = tx2.send(Seen::Request(req.headers().clone(), req.uri().to_string()));
