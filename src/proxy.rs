@@ -24,7 +24,7 @@ use crate::config::{Backend, Route};
 use crate::handshake::{self, Kind, Reject};
 use crate::limits::Permit;
 use crate::listener::{ClientStream, Rewind};
-use crate::relay::{self, Side};
+use crate::relay;
 use crate::upstream::{self, Answer, ClientInfo};
 use crate::{Runtime, Shared};
 
@@ -293,7 +293,6 @@ async fn run_tunnel(
         reason = %s.reason,
         "tunnel closed"
     );
-    let _ = Side::Client;
 }
 
 /// A backend response on its way to the client: hop-by-hop headers replaced, body streamed.

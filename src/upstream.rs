@@ -4,7 +4,6 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -361,14 +360,6 @@ impl AsyncWrite for BackendStream {
 
     fn is_write_vectored(&self) -> bool {
         true
-    }
-}
-
-/// Where a Unix-socket backend lives, for logs.
-pub fn describe(b: &Backend) -> String {
-    match b {
-        Backend::Tcp(a) => a.clone(),
-        Backend::Unix(p) => format!("unix:{}", PathBuf::from(p).display()),
     }
 }
 

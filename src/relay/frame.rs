@@ -37,11 +37,6 @@ pub struct Header {
 }
 
 impl Header {
-    /// True for Close, Ping and Pong (and reserved control opcodes).
-    pub fn is_control(&self) -> bool {
-        self.opcode & 0x8 != 0
-    }
-
     /// True for text, binary and continuation frames.
     pub fn is_data(&self) -> bool {
         self.opcode <= OP_BINARY
@@ -187,11 +182,6 @@ impl Tracker {
     /// True while a data frame's payload is passing.
     pub fn in_data_payload(&self) -> bool {
         self.remaining > 0 && self.data_payload
-    }
-
-    /// Payload bytes of the current frame still expected.
-    pub fn remaining(&self) -> u64 {
-        self.remaining
     }
 
     /// Accounts for up to `avail` payload bytes; returns how many belong to the current frame.
