@@ -262,6 +262,10 @@ async fn connection(
         let Some(acceptor) = rt.tls.clone() else {
             return;
         };
+        if plain_http_on_tls_port(&tcp, deadline).await {
+            let r = Reject::BadRequest("plain HTTP sent to the TLS port; use https:// or wss://");
+            return refuse(&shared, ClientStream::Plain(tcp), peer, r, id).await;
+        }
         match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
             Ok(Ok(s)) => ClientStream::Tls(Box::new(s)),
             Ok(Err(e)) => {
@@ -323,6 +327,16 @@ async fn connection(
         start,
     )
     .await;
+}
+
+/// True when the first byte is an ASCII letter: an HTTP request, where a TLS handshake record
+/// (0x16) was expected. Such clients get a readable 400 instead of a failed handshake.
+async fn plain_http_on_tls_port(tcp: &TcpStream, deadline: Instant) -> bool {
+    let mut first = [0u8; 1];
+    matches!(
+        tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await,
+        Ok(Ok(1)) if first[0].is_ascii_alphabetic()
+    )
 }
 
 async fn refuse(shared: &Shared, stream: ClientStream, peer: SocketAddr, r: Reject, id: u64) {

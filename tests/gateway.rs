@@ -443,3 +443,39 @@ async fn unix_socket_backend_serves_upgrades() {
     };
     assert_eq!(h["x-forwarded-for"], "127.0.0.1");
 }
+
+#[tokio::test]
+async fn plain_http_on_the_tls_port_gets_a_readable_400() {
+    let (gate, _b) = gate_with_echo().await;
+    let mut s = tokio::net::TcpStream::connect(gate.tls_addr).await.unwrap();
+    s.write_all(upgrade_request("/chat", "").as_bytes())
+        .await
+        .unwrap();
+    let resp = read_all(&mut s).await;
+    assert_eq!(status_of(&resp), 400, "{resp}");
+    assert!(resp.contains("TLS port"), "{resp}");
+}
+
+#[tokio::test]
+async fn ipv6_clients_are_served_and_forwarded_with_quoted_addresses() {
+    let mut backend = EchoBackend::start().await;
+    let settings = BASE.replace("listen = [\"127.0.0.1:0\"]", "listen = [\"[::1]:0\"]");
+    let gate = Gate::start(&settings, &route("/chat", backend.addr, "")).await;
+    assert!(gate.tls_addr.is_ipv6());
+    let (mut ws, _) = gate.ws("/chat", &[]).await.unwrap();
+    ws.send(Message::text("v6")).await.unwrap();
+    assert_eq!(next_data(&mut ws).await.into_text().unwrap().as_str(), "v6");
+    let Seen::Request(h, _) = backend.next().await else {
+        panic!("request first")
+    };
+    assert_eq!(h["x-forwarded-for"], "::1");
+    assert_eq!(h["x-real-ip"], "::1");
+    assert!(
+        h["forwarded"]
+            .to_str()
+            .unwrap()
+            .starts_with("for=\"[::1]\";proto=https"),
+        "{:?}",
+        h["forwarded"]
+    );
+}
