@@ -39,7 +39,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ConfigErrors};
@@ -52,8 +51,8 @@ pub struct Runtime {
     pub config: Config,
     /// Routes with their balancing state.
     pub routes: RouteTable,
-    /// TLS acceptor; `None` when there are no TLS listeners.
-    pub tls: Option<TlsAcceptor>,
+    /// TLS server configuration; `None` when there are no TLS listeners.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Tunnel settings.
     pub ws: relay::Settings,
 }
@@ -64,7 +63,7 @@ impl Runtime {
         let tls = if config.server.listen.is_empty() {
             None
         } else {
-            Some(tls::acceptor(&config.tls, &config.path).map_err(ConfigErrors)?)
+            Some(tls::server_config(&config.tls, &config.path).map_err(ConfigErrors)?)
         };
         Ok(Runtime {
             routes: RouteTable::new(&config.routes),

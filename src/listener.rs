@@ -12,10 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::tls::stream::ServerTls;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
-use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::handshake::{self, HeadError, Reject};
@@ -206,7 +206,7 @@ fn admit(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr, tls: bool) {
 /// A client connection after TLS (or without it).
 pub enum ClientStream {
     /// Over TLS.
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<ServerTls>),
     /// Cleartext.
     Plain(TcpStream),
 }
@@ -259,14 +259,14 @@ async fn connection(
     };
     let _open = OpenGauge::new(&shared);
     let stream = if tls {
-        let Some(acceptor) = rt.tls.clone() else {
+        let Some(tls_config) = rt.tls.clone() else {
             return;
         };
         if plain_http_on_tls_port(&tcp, deadline).await {
             let r = Reject::BadRequest("plain HTTP sent to the TLS port; use https:// or wss://");
             return refuse(&shared, ClientStream::Plain(tcp), peer, r, id).await;
         }
-        match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+        match tokio::time::timeout_at(deadline, ServerTls::accept(tcp, tls_config)).await {
             Ok(Ok(s)) => ClientStream::Tls(Box::new(s)),
             Ok(Err(e)) => {
                 shared.metrics.tls_failures.inc();

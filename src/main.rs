@@ -74,7 +74,7 @@ fn check(path: &std::path::Path) -> ExitCode {
             let mut lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
             // Certificates are checked even when other keys are wrong, so one run shows everything.
             if let Some(c) = config.filter(|c| !c.server.listen.is_empty())
-                && let Err(e) = wsgate::tls::acceptor(&c.tls, &c.path)
+                && let Err(e) = wsgate::tls::server_config(&c.tls, &c.path)
             {
                 lines.extend(e.iter().map(ToString::to_string));
             }

@@ -479,3 +479,51 @@ async fn ipv6_clients_are_served_and_forwarded_with_quoted_addresses() {
         h["forwarded"]
     );
 }
+
+#[tokio::test]
+async fn request_sent_in_the_same_write_as_the_client_finished_is_served() {
+    let (gate, _b) = gate_with_echo().await;
+    let (addr, cfg) = (gate.tls_addr, gate.pki.client_config());
+    let resp = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut conn = rustls::ClientConnection::new(cfg, "localhost".try_into().unwrap()).unwrap();
+        let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        while conn.is_handshaking() {
+            while conn.wants_write() {
+                conn.write_tls(&mut tcp).unwrap();
+            }
+            if conn.is_handshaking() {
+                conn.read_tls(&mut tcp).unwrap();
+                conn.process_new_packets().unwrap();
+            }
+        }
+        // The client Finished is still queued: the request joins it in one write.
+        conn.writer()
+            .write_all(upgrade_request("/chat", "").as_bytes())
+            .unwrap();
+        let mut out = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut out).unwrap();
+        }
+        tcp.write_all(&out).unwrap();
+        let mut text = Vec::new();
+        while !text.windows(4).any(|w| w == b"\r\n\r\n") {
+            if conn.read_tls(&mut tcp).unwrap() == 0 {
+                break;
+            }
+            conn.process_new_packets().unwrap();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = conn.reader().read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                text.extend_from_slice(&buf[..n]);
+            }
+        }
+        String::from_utf8_lossy(&text).into_owned()
+    })
+    .await
+    .unwrap();
+    assert_eq!(status_of(&resp), 101, "{resp}");
+}

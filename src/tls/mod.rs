@@ -1,6 +1,8 @@
 //! TLS termination: PEM certificates and keys (read with `rustls-pki-types`' `PemObject`),
 //! a check that each key matches its certificate, SNI choice among `[[tls.sni]]` entries, and
-//! the rustls `ServerConfig` (TLS 1.2 and 1.3, ALPN `http/1.1`).
+//! the rustls `ServerConfig` (TLS 1.2 and 1.3, ALPN `http/1.1`); [`stream`] runs connections.
+
+pub mod stream;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -12,7 +14,6 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_rustls::TlsAcceptor;
 
 use crate::config::{ConfigError, Sourced, Tls};
 
@@ -21,8 +22,12 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Loads every certificate of `tls` and builds the acceptor; errors cite the config lines.
-pub fn acceptor(tls: &Tls, config_file: &std::path::Path) -> Result<TlsAcceptor, Vec<ConfigError>> {
+/// Loads every certificate of `tls` and builds the server configuration; errors cite the
+/// config lines.
+pub fn server_config(
+    tls: &Tls,
+    config_file: &std::path::Path,
+) -> Result<Arc<ServerConfig>, Vec<ConfigError>> {
     let provider = provider();
     let mut errors = Vec::new();
     let default = load_pair(&tls.cert, &tls.key, &provider, config_file, &mut errors);
@@ -60,7 +65,7 @@ pub fn acceptor(tls: &Tls, config_file: &std::path::Path) -> Result<TlsAcceptor,
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok(Arc::new(config))
 }
 
 /// Picks the certificate for the client's SNI: exact name, then `*.` wildcard, then default.
