@@ -527,3 +527,42 @@ async fn request_sent_in_the_same_write_as_the_client_finished_is_served() {
     .unwrap();
     assert_eq!(status_of(&resp), 101, "{resp}");
 }
+
+#[tokio::test]
+async fn tunnel_survives_a_client_key_update() {
+    let (gate, _b) = gate_with_echo().await;
+    let (addr, cfg) = (gate.tls_addr, gate.pki.client_config());
+    let echoed = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut conn = rustls::ClientConnection::new(cfg, "localhost".try_into().unwrap()).unwrap();
+        let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+        tls.write_all(upgrade_request("/chat", "").as_bytes())
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tls.read(&mut buf).unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        let mut echoed = Vec::new();
+        for round in 0..3u8 {
+            // TLS 1.3 KeyUpdate, asking the gateway to update its keys too.
+            tls.conn.refresh_traffic_keys().unwrap();
+            let payload = [b'k', b'u', b'0' + round];
+            tls.write_all(&client_frame(0x1, &payload)).unwrap();
+            let mut frame = Vec::new();
+            while frame.len() < 2 + payload.len() {
+                let n = tls.read(&mut buf).unwrap();
+                assert!(n > 0, "closed after a key update");
+                frame.extend_from_slice(&buf[..n]);
+            }
+            echoed.push(String::from_utf8_lossy(&frame[2..]).into_owned());
+        }
+        echoed
+    })
+    .await
+    .unwrap();
+    assert_eq!(echoed, ["ku0", "ku1", "ku2"]);
+}

@@ -415,6 +415,15 @@ impl AsyncWrite for ServerTls {
             if written == 0 {
                 return Poll::Ready(Err(io::Error::other("TLS connection cannot send data yet")));
             }
+            if !this.out.is_empty() {
+                // Processing queued TLS messages of its own (a key update answer, say): the
+                // new records must follow them on the wire.
+                this.out.extend_from_slice(&scratch[..written]);
+                if let Poll::Ready(Err(e)) = this.poll_flush_out(cx) {
+                    return Poll::Ready(Err(e));
+                }
+                return Poll::Ready(Ok(take));
+            }
             let mut sent = 0;
             while sent < written {
                 match Pin::new(&mut this.tcp).poll_write(cx, &scratch[sent..written]) {
