@@ -566,3 +566,18 @@ async fn tunnel_survives_a_client_key_update() {
     .unwrap();
     assert_eq!(echoed, ["ku0", "ku1", "ku2"]);
 }
+
+#[tokio::test]
+async fn tls13_prefers_aes_128_gcm_over_the_clients_order() {
+    let (gate, _b) = gate_with_echo().await;
+    let s = gate.tls(None).await;
+    let conn = s.get_ref().1;
+    assert_eq!(
+        conn.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    assert_eq!(
+        conn.negotiated_cipher_suite().map(|c| c.suite()),
+        Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+    );
+}
