@@ -19,6 +19,7 @@
 pub mod admin;
 pub mod config;
 pub mod handshake;
+pub mod leftover;
 pub mod limits;
 pub mod listener;
 pub mod metrics;

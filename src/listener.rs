@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::handshake::{self, HeadError, Reject};
+use crate::leftover::Leftover;
 use crate::upstream::ClientInfo;
 use crate::{Shared, proxy};
 
@@ -396,8 +397,7 @@ pub fn log_budget() -> bool {
 /// A stream that first yields bytes already read (the request head), then reads from the inner
 /// stream. The buffer is freed as soon as it has been consumed.
 pub struct Rewind<S> {
-    prefix: Vec<u8>,
-    pos: usize,
+    prefix: Leftover,
     inner: S,
 }
 
@@ -405,17 +405,14 @@ impl<S> Rewind<S> {
     /// Wraps `inner`, to yield `prefix` first.
     pub fn new(inner: S, prefix: Vec<u8>) -> Self {
         Rewind {
-            prefix,
-            pos: 0,
+            prefix: Leftover::new(prefix),
             inner,
         }
     }
 
     /// The inner stream and the bytes of the prefix not yet read.
     pub fn into_inner(self) -> (S, Vec<u8>) {
-        let mut p = self.prefix;
-        p.drain(..self.pos.min(p.len()));
-        (self.inner, p)
+        (self.inner, self.prefix.into_remaining())
     }
 }
 
@@ -426,14 +423,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.pos < this.prefix.len() {
-            let n = (this.prefix.len() - this.pos).min(buf.remaining());
-            buf.put_slice(&this.prefix[this.pos..this.pos + n]);
-            this.pos += n;
-            if this.pos == this.prefix.len() {
-                this.prefix = Vec::new();
-                this.pos = 0;
-            }
+        if !this.prefix.is_empty() {
+            this.prefix.put_into(buf);
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.inner).poll_read(cx, buf)

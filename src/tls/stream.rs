@@ -17,6 +17,8 @@ use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, WriteTraffi
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::leftover::Leftover;
+
 /// The largest plaintext taken per write: whole records fit the output buffer.
 const MAX_WRITE: usize = 48 * 1024;
 /// Room for MAX_WRITE as TLS records (a few bytes of header and tag per 16 KiB record).
@@ -37,8 +39,7 @@ pub struct ServerTls {
     /// with the handshake); empty and unallocated most of the time.
     partial: Vec<u8>,
     /// Decrypted bytes the reader has not taken yet.
-    plain: Vec<u8>,
-    plain_pos: usize,
+    plain: Leftover,
     /// Encrypted bytes the socket has not accepted yet.
     out: Vec<u8>,
     out_pos: usize,
@@ -74,8 +75,7 @@ impl ServerTls {
             tcp,
             conn,
             partial: Vec::new(),
-            plain: Vec::new(),
-            plain_pos: 0,
+            plain: Leftover::default(),
             out: Vec::new(),
             out_pos: 0,
             peer_closed: false,
@@ -179,7 +179,7 @@ fn process(
     conn: &mut UnbufferedServerConnection,
     input: &mut [u8],
     mut sink: Option<&mut ReadBuf<'_>>,
-    plain: &mut Vec<u8>,
+    plain: &mut Leftover,
     out: &mut Vec<u8>,
     mut send: Send<'_>,
     handshake: bool,
@@ -207,7 +207,7 @@ fn process(
                         s.put_slice(&payload[..n]);
                         payload = &payload[n..];
                     }
-                    plain.extend_from_slice(payload);
+                    plain.extend(payload);
                 }
                 None
             }
@@ -298,7 +298,7 @@ macro_rules! continue_or_return {
         if $buf.filled().len() > $start {
             return Poll::Ready(Ok(()));
         }
-        if $this.peer_closed && $this.plain_pos >= $this.plain.len() {
+        if $this.peer_closed && $this.plain.is_empty() {
             return Poll::Ready(Ok(()));
         }
         continue;
@@ -314,14 +314,8 @@ impl AsyncRead for ServerTls {
         let this = self.get_mut();
         let start = buf.filled().len();
         loop {
-            if this.plain_pos < this.plain.len() {
-                let n = (this.plain.len() - this.plain_pos).min(buf.remaining());
-                buf.put_slice(&this.plain[this.plain_pos..this.plain_pos + n]);
-                this.plain_pos += n;
-                if this.plain_pos == this.plain.len() {
-                    this.plain = Vec::new();
-                    this.plain_pos = 0;
-                }
+            if !this.plain.is_empty() {
+                this.plain.put_into(buf);
                 return Poll::Ready(Ok(()));
             }
             if this.peer_closed {
@@ -332,7 +326,7 @@ impl AsyncRead for ServerTls {
                 // Post-handshake messages (tickets, key updates) go out when the socket allows.
                 let _ = this.poll_flush_out(cx);
                 if buf.filled().len() > start
-                    || this.plain_pos < this.plain.len()
+                    || !this.plain.is_empty()
                     || outcome == Outcome::PeerClosed
                 {
                     continue_or_return!(this, buf, start);
