@@ -16,6 +16,7 @@ use crate::tls::stream::ServerTls;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
 use crate::handshake::{self, HeadError, Reject};
@@ -204,13 +205,8 @@ fn admit(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr, tls: bool) {
     }
 }
 
-/// A client connection after TLS (or without it).
-pub enum ClientStream {
-    /// Over TLS.
-    Tls(Box<ServerTls>),
-    /// Cleartext.
-    Plain(TcpStream),
-}
+/// A client connection: over TLS (left) or cleartext (right).
+pub type ClientStream = Either<Box<ServerTls>, TcpStream>;
 
 #[allow(clippy::too_many_arguments)]
 async fn connection(
@@ -265,10 +261,10 @@ async fn connection(
         };
         if plain_http_on_tls_port(&tcp, deadline).await {
             let r = Reject::BadRequest("plain HTTP sent to the TLS port; use https:// or wss://");
-            return refuse(&shared, ClientStream::Plain(tcp), peer, r, id).await;
+            return refuse(&shared, Either::Right(tcp), peer, r, id).await;
         }
         match tokio::time::timeout_at(deadline, ServerTls::accept(tcp, tls_config)).await {
-            Ok(Ok(s)) => ClientStream::Tls(Box::new(s)),
+            Ok(Ok(s)) => Either::Left(Box::new(s)),
             Ok(Err(e)) => {
                 shared.metrics.tls_failures.inc();
                 tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
@@ -281,7 +277,7 @@ async fn connection(
             }
         }
     } else {
-        ClientStream::Plain(tcp)
+        Either::Right(tcp)
     };
     let mut stream = stream;
     let mut buf = Vec::new();
@@ -454,59 +450,5 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
-    }
-}
-
-impl AsyncRead for ClientStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for ClientStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-            ClientStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
-    }
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            ClientStream::Tls(s) => s.is_write_vectored(),
-            ClientStream::Plain(s) => s.is_write_vectored(),
-        }
     }
 }

@@ -4,8 +4,6 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use base64::Engine;
@@ -16,8 +14,8 @@ use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use sha1::{Digest, Sha1};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
+use tokio_util::either::Either;
 
 use crate::config::Backend;
 use crate::handshake::{Reject, has_token};
@@ -36,14 +34,8 @@ pub struct ClientInfo {
     pub id: u64,
 }
 
-/// A connection to a backend.
-#[derive(Debug)]
-pub enum BackendStream {
-    /// TCP.
-    Tcp(TcpStream),
-    /// Unix domain socket.
-    Unix(UnixStream),
-}
+/// A connection to a backend: TCP (left) or a Unix domain socket (right).
+pub type BackendStream = Either<TcpStream, UnixStream>;
 
 /// Connects to one backend within `timeout`.
 pub async fn connect(backend: &Backend, timeout: Duration) -> io::Result<BackendStream> {
@@ -52,9 +44,9 @@ pub async fn connect(backend: &Backend, timeout: Duration) -> io::Result<Backend
             Backend::Tcp(addr) => {
                 let s = TcpStream::connect(addr.as_str()).await?;
                 s.set_nodelay(true)?;
-                Ok(BackendStream::Tcp(s))
+                Ok(Either::Left(s))
             }
-            Backend::Unix(path) => Ok(BackendStream::Unix(UnixStream::connect(path).await?)),
+            Backend::Unix(path) => Ok(Either::Right(UnixStream::connect(path).await?)),
         }
     };
     tokio::time::timeout(timeout, fut)
@@ -306,61 +298,6 @@ pub fn check_101(req: &HeaderMap, resp: &HeaderMap) -> Result<(), Reject> {
         }
     }
     Ok(())
-}
-
-impl AsyncRead for BackendStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            BackendStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            BackendStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for BackendStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            BackendStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            BackendStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            BackendStream::Tcp(s) => Pin::new(s).poll_flush(cx),
-            BackendStream::Unix(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            BackendStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            BackendStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            BackendStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            BackendStream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
 }
 
 #[cfg(test)]
