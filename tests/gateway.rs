@@ -580,4 +580,31 @@ async fn tls13_prefers_aes_128_gcm_over_the_clients_order() {
         conn.negotiated_cipher_suite().map(|c| c.suite()),
         Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
     );
+    assert_eq!(
+        conn.negotiated_key_exchange_group().map(|g| g.name()),
+        Some(rustls::NamedGroup::X25519)
+    );
+}
+
+#[tokio::test]
+async fn post_quantum_key_exchange_is_offered_and_tunnels_work_over_it() {
+    use tungstenite::client::IntoClientRequest;
+    let (gate, _b) = gate_with_echo().await;
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519MLKEM768];
+    let cfg = gate.pki.client_config_with(provider);
+    let tls = tls_connect(gate.tls_addr, cfg, "localhost").await.unwrap();
+    assert_eq!(
+        tls.get_ref()
+            .1
+            .negotiated_key_exchange_group()
+            .map(|g| g.name()),
+        Some(rustls::NamedGroup::X25519MLKEM768)
+    );
+    let req = gate.url("/chat").into_client_request().unwrap();
+    let tls = tokio_tungstenite::MaybeTlsStream::Rustls(tls);
+    let (mut ws, resp) = tokio_tungstenite::client_async(req, tls).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    ws.send(Message::text("over ML-KEM")).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::text("over ML-KEM"));
 }

@@ -62,15 +62,21 @@ impl Pki {
     }
 
     pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        self.client_config_with(rustls::crypto::ring::default_provider())
+    }
+
+    /// A client trusting the test CA with the given crypto (key exchange groups, suites).
+    pub fn client_config_with(
+        &self,
+        provider: rustls::crypto::CryptoProvider,
+    ) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca_der.clone()).unwrap();
-        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         Arc::new(cfg)
     }
 }
