@@ -128,6 +128,8 @@ pub struct Tls {
     pub key: Sourced<PathBuf>,
     /// Further certificates picked by SNI.
     pub sni: Vec<SniCert>,
+    /// Whether clients get session tickets to resume with a cheaper handshake.
+    pub session_tickets: bool,
 }
 
 /// One `[[tls.sni]]` entry.
@@ -418,6 +420,7 @@ struct RawTls {
     cert: Opt<String>,
     key: Opt<String>,
     sni: Vec<Spanned<RawSni>>,
+    session_tickets: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -647,7 +650,12 @@ impl Cx<'_> {
                 key: self.path_or(&format!("{base}.key"), &Some(s.key), ""),
             });
         }
-        Tls { cert, key, sni }
+        Tls {
+            cert,
+            key,
+            sni,
+            session_tickets: r.session_tickets.unwrap_or(true),
+        }
     }
 
     fn limits(&mut self, r: RawLimits) -> Limits {

@@ -608,3 +608,50 @@ async fn post_quantum_key_exchange_is_offered_and_tunnels_work_over_it() {
     ws.send(Message::text("over ML-KEM")).await.unwrap();
     assert_eq!(next_data(&mut ws).await, Message::text("over ML-KEM"));
 }
+
+/// Connects twice with one client config (which keeps tickets) and echoes once each time;
+/// returns how the second TLS handshake went.
+async fn second_handshake_kind(gate: &Gate) -> rustls::HandshakeKind {
+    use tungstenite::client::IntoClientRequest;
+    let cfg = gate.pki.client_config();
+    let mut kind = None;
+    for _ in 0..2 {
+        let tls = tls_connect(gate.tls_addr, cfg.clone(), "localhost")
+            .await
+            .unwrap();
+        let req = gate.url("/chat").into_client_request().unwrap();
+        let tls = tokio_tungstenite::MaybeTlsStream::Rustls(tls);
+        let (mut ws, _) = tokio_tungstenite::client_async(req, tls).await.unwrap();
+        ws.send(Message::text("hi")).await.unwrap();
+        assert_eq!(next_data(&mut ws).await, Message::text("hi"));
+        if let tokio_tungstenite::MaybeTlsStream::Rustls(s) = ws.get_ref() {
+            kind = s.get_ref().1.handshake_kind();
+        }
+        ws.close(None).await.unwrap();
+    }
+    kind.unwrap()
+}
+
+#[tokio::test]
+async fn session_tickets_let_a_returning_client_resume() {
+    let backend = EchoBackend::start().await;
+    let gate = Gate::start(BASE, &route("/chat", backend.addr, "")).await;
+    assert_eq!(
+        second_handshake_kind(&gate).await,
+        rustls::HandshakeKind::Resumed
+    );
+}
+
+#[tokio::test]
+async fn session_tickets_off_means_every_handshake_is_full() {
+    let backend = EchoBackend::start().await;
+    let routes = format!(
+        "session_tickets = false\n{}",
+        route("/chat", backend.addr, "")
+    );
+    let gate = Gate::start(BASE, &routes).await;
+    assert_eq!(
+        second_handshake_kind(&gate).await,
+        rustls::HandshakeKind::Full
+    );
+}

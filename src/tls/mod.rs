@@ -88,6 +88,20 @@ pub fn server_config(
         .with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     config.ignore_client_order = true;
+    if tls.session_tickets {
+        // Stateless tickets: resumption costs no server memory however many clients return.
+        config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| {
+            vec![ConfigError {
+                file: config_file.to_path_buf(),
+                line: 0,
+                key: "tls.session_tickets".into(),
+                message: format!("cannot set up session tickets: {e}"),
+            }]
+        })?;
+    } else {
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+    }
     Ok(Arc::new(config))
 }
 
