@@ -180,6 +180,43 @@ async fn reload_swaps_the_certificate_while_an_open_tunnel_keeps_echoing() {
     );
 }
 
+/// Opens a TLS connection with `cfg` (which keeps the tickets it receives), echoes once over
+/// a tunnel so the post-handshake tickets are read, and returns how the handshake went.
+async fn echo_with(
+    d: &Daemon,
+    cfg: &std::sync::Arc<rustls::ClientConfig>,
+) -> rustls::HandshakeKind {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let tls = tls_connect(d.tls, cfg.clone(), "localhost").await.unwrap();
+    let kind = tls.get_ref().1.handshake_kind().unwrap();
+    let req = format!("wss://localhost:{}/chat", d.tls.port())
+        .into_client_request()
+        .unwrap();
+    let stream = tokio_tungstenite::MaybeTlsStream::Rustls(tls);
+    let (mut ws, _) = tokio_tungstenite::client_async(req, stream).await.unwrap();
+    echo_roundtrip(&mut ws, "ticket").await;
+    ws.close(None).await.unwrap();
+    kind
+}
+
+#[tokio::test]
+async fn session_tickets_issued_before_a_reload_still_resume_after_it() {
+    let backend = EchoBackend::start().await;
+    let d = Daemon::start(SETTINGS, &route("/chat", backend.addr, "")).await;
+    let cfg = d.pki.client_config();
+    assert_eq!(echo_with(&d, &cfg).await, rustls::HandshakeKind::Full);
+    // A reload that changes the TLS set-up (a renewed certificate) builds a new ServerConfig.
+    d.pki.issue("localhost", &["localhost"]);
+    d.signal("HUP");
+    assert!(d.next_notify().starts_with("RELOADING=1"));
+    assert_eq!(d.next_notify(), "READY=1");
+    assert_eq!(
+        echo_with(&d, &cfg).await,
+        rustls::HandshakeKind::Resumed,
+        "a client returning after a reload resumes with its old ticket"
+    );
+}
+
 #[tokio::test]
 async fn broken_reload_keeps_the_old_configuration_and_shows_in_metrics() {
     let backend = EchoBackend::start().await;

@@ -90,7 +90,7 @@ pub fn server_config(
     config.ignore_client_order = true;
     if tls.session_tickets {
         // Stateless tickets: resumption costs no server memory however many clients return.
-        config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| {
+        config.ticketer = ticketer().map_err(|e| {
             vec![ConfigError {
                 file: config_file.to_path_buf(),
                 line: 0,
@@ -103,6 +103,22 @@ pub fn server_config(
         config.send_tls13_tickets = 0;
     }
     Ok(Arc::new(config))
+}
+
+/// The process's one ticket key rotator, shared by every `ServerConfig` it builds.
+///
+/// A reload builds a new `ServerConfig`; with a new ticketer each time, every ticket issued
+/// before it would stop resuming and a whole fleet would pay full handshakes at once. ring's
+/// `Ticketer` rotates its own keys (every six hours), so keeping it for the process's life
+/// does not keep one key forever.
+fn ticketer() -> Result<Arc<dyn rustls::server::ProducesTickets>, rustls::Error> {
+    static TICKETER: std::sync::OnceLock<Arc<dyn rustls::server::ProducesTickets>> =
+        std::sync::OnceLock::new();
+    if let Some(t) = TICKETER.get() {
+        return Ok(t.clone());
+    }
+    let fresh = rustls::crypto::ring::Ticketer::new()?;
+    Ok(TICKETER.get_or_init(|| fresh).clone())
 }
 
 /// Picks the certificate for the client's SNI: exact name, then `*.` wildcard, then default.
