@@ -92,6 +92,36 @@ pub struct Metrics {
     pub reloads: Family<ResultLabel, Counter>,
     /// 1 when the last reload succeeded (or none was tried), 0 when it failed.
     pub config_ok: Gauge,
+    /// The relay's counters, resolved once so tunnels add to them without label lookups.
+    pub relay: RelayCounters,
+}
+
+/// Handles on the traffic counters every tunnel adds to while it runs.
+#[derive(Debug, Clone, Default)]
+pub struct RelayCounters {
+    bytes_up: Counter,
+    bytes_down: Counter,
+    frames_up: Counter,
+    frames_down: Counter,
+    pings_sent: Counter,
+    pongs_received: Counter,
+}
+
+impl crate::relay::Tally for RelayCounters {
+    fn add(&self, d: &crate::relay::Traffic) {
+        for (c, v) in [
+            (&self.bytes_up, d.bytes_up),
+            (&self.bytes_down, d.bytes_down),
+            (&self.frames_up, d.frames_up),
+            (&self.frames_down, d.frames_down),
+            (&self.pings_sent, d.pings_sent),
+            (&self.pongs_received, d.pongs_received),
+        ] {
+            if v > 0 {
+                c.inc_by(v);
+            }
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -104,7 +134,7 @@ impl Metrics {
     /// Registers every metric.
     pub fn new() -> Self {
         let mut r = Registry::default();
-        let m = Metrics {
+        let mut m = Metrics {
             client_connections: Gauge::default(),
             connections_open: Family::default(),
             connections_total: Family::default(),
@@ -122,9 +152,27 @@ impl Metrics {
             backend_connect_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             reloads: Family::default(),
             config_ok: Gauge::default(),
+            relay: RelayCounters::default(),
             registry: Registry::default(),
         };
         m.config_ok.set(1);
+        // One statement per series: a family's read guard must be gone before the next
+        // get_or_create, which takes the write lock to insert.
+        let series = |f: &Family<DirectionLabel, Counter>, direction| {
+            f.get_or_create(&DirectionLabel { direction }).clone()
+        };
+        let bytes_up = series(&m.bytes, "client_to_backend");
+        let bytes_down = series(&m.bytes, "backend_to_client");
+        let frames_up = series(&m.frames, "client_to_backend");
+        let frames_down = series(&m.frames, "backend_to_client");
+        m.relay = RelayCounters {
+            bytes_up,
+            bytes_down,
+            frames_up,
+            frames_down,
+            pings_sent: m.pings_sent.clone(),
+            pongs_received: m.pongs_received.clone(),
+        };
         r.register(
             "wsgate_client_connections_open",
             "Client connections currently held",
@@ -228,18 +276,6 @@ impl Metrics {
             Some(_) => "other".into(),
         };
         self.closes.get_or_create(&CloseLabel { code, side }).inc();
-    }
-
-    /// Adds relayed traffic.
-    pub fn relayed(&self, up_bytes: u64, down_bytes: u64, up_frames: u64, down_frames: u64) {
-        for (dir, b, f) in [
-            ("client_to_backend", up_bytes, up_frames),
-            ("backend_to_client", down_bytes, down_frames),
-        ] {
-            let l = DirectionLabel { direction: dir };
-            self.bytes.get_or_create(&l).inc_by(b);
-            self.frames.get_or_create(&l).inc_by(f);
-        }
     }
 
     /// The text exposition.

@@ -260,13 +260,11 @@ async fn run_tunnel(
         backend_prefix,
         &settings,
         &shared.drain,
+        &m.relay,
         client.id,
     )
     .await;
     m.connections_open.get_or_create(&route_label).dec();
-    m.relayed(s.bytes_up, s.bytes_down, s.frames_up, s.frames_down);
-    m.pings_sent.inc_by(s.pings_sent);
-    m.pongs_received.inc_by(s.pongs_received);
     m.close(s.close_code, s.closed_by.as_str());
     match s.gateway_close {
         Some(relay::GatewayClose::PingTimeout) => {

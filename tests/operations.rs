@@ -373,6 +373,38 @@ async fn a_refused_origin_raises_the_origin_counter_by_one() {
     );
 }
 
+#[tokio::test]
+async fn traffic_counters_move_while_the_tunnel_is_still_open() {
+    let backend = EchoBackend::start().await;
+    let gate = Gate::start(BASE, &route("/chat", backend.addr, "")).await;
+    let (mut ws, _) = gate
+        .ws("/chat", &[("Origin", "https://good.example")])
+        .await
+        .unwrap();
+    // Client frames are masked (2 + 4 header bytes), the backend's are not (2).
+    echo_roundtrip(&mut ws, "first").await;
+    echo_roundtrip(&mut ws, "second").await;
+    let m = gate.metrics().await;
+    for line in [
+        "wsgate_relayed_bytes_total{direction=\"client_to_backend\"} 23",
+        "wsgate_relayed_frames_total{direction=\"client_to_backend\"} 2",
+        "wsgate_connections_open{route=\"/chat\"} 1",
+    ] {
+        assert!(m.lines().any(|l| l == line), "{line} in\n{m}");
+    }
+    // The second echo's last report may trail the client's read by a moment.
+    let m = wait_metric(
+        &gate,
+        "wsgate_relayed_bytes_total{direction=\"backend_to_client\"} 15",
+    )
+    .await;
+    assert!(
+        m.contains("wsgate_relayed_frames_total{direction=\"backend_to_client\"} 2"),
+        "{m}"
+    );
+    echo_roundtrip(&mut ws, "still open").await;
+}
+
 #[test]
 fn check_flag_prints_ok_or_every_error_with_line_and_key() {
     let dir = tempfile::tempdir().unwrap();

@@ -155,6 +155,43 @@ pub struct Summary {
     pub gateway_close: Option<GatewayClose>,
 }
 
+/// Running totals of a tunnel's traffic, reported live as deltas through a [`Tally`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Client-to-backend bytes forwarded.
+    pub bytes_up: u64,
+    /// Backend-to-client bytes forwarded.
+    pub bytes_down: u64,
+    /// Client frames forwarded.
+    pub frames_up: u64,
+    /// Backend frames forwarded.
+    pub frames_down: u64,
+    /// Gateway pings sent.
+    pub pings_sent: u64,
+    /// Pongs to gateway pings received.
+    pub pongs_received: u64,
+}
+
+impl Traffic {
+    fn since(&self, before: &Traffic) -> Traffic {
+        Traffic {
+            bytes_up: self.bytes_up - before.bytes_up,
+            bytes_down: self.bytes_down - before.bytes_down,
+            frames_up: self.frames_up - before.frames_up,
+            frames_down: self.frames_down - before.frames_down,
+            pings_sent: self.pings_sent - before.pings_sent,
+            pongs_received: self.pongs_received - before.pongs_received,
+        }
+    }
+}
+
+/// Where a tunnel adds its traffic as it happens, so counters of long-lived tunnels move
+/// while they are open instead of jumping when they close.
+pub trait Tally {
+    /// Adds what the tunnel relayed since its last report.
+    fn add(&self, delta: &Traffic);
+}
+
 /// Something that tells a tunnel when to close because the process is draining.
 pub trait DrainSignal {
     /// Resolves when draining begins, with the instant this tunnel is to be closed.
@@ -162,21 +199,24 @@ pub trait DrainSignal {
 }
 
 /// Relays `client` and `backend` until both directions are done. The prefixes are bytes read
-/// past the handshake on each side; they are relayed first.
+/// past the handshake on each side; they are relayed first. Traffic goes to `tally` at the end
+/// of every pass that moved something (a few relaxed atomic adds per wake-up).
 #[allow(clippy::too_many_arguments)]
-pub async fn run<C, B, D>(
+pub async fn run<C, B, D, T>(
     client: C,
     client_prefix: Bytes,
     backend: B,
     backend_prefix: Bytes,
     settings: &Settings,
     drain: &D,
+    tally: &T,
     tunnel_id: u64,
 ) -> Summary
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
     D: DrainSignal,
+    T: Tally,
 {
     let now = Instant::now();
     let mut t = Tunnel {
@@ -190,10 +230,20 @@ where
         first_close: None,
         first_eof: None,
         handshake_deadline: None,
+        reported: Traffic::default(),
     };
     let mut sleep = pin!(tokio::time::sleep_until(t.next_wakeup(now)));
     let mut drain_fut = pin!(drain.close_at(tunnel_id));
-    std::future::poll_fn(|cx| t.poll(cx, sleep.as_mut(), drain_fut.as_mut())).await;
+    std::future::poll_fn(|cx| {
+        let r = t.poll(cx, sleep.as_mut(), drain_fut.as_mut());
+        let now = t.traffic();
+        if now != t.reported {
+            tally.add(&now.since(&t.reported));
+            t.reported = now;
+        }
+        r
+    })
+    .await;
     t.summary()
 }
 
@@ -338,6 +388,8 @@ struct Tunnel<C, B> {
     first_eof: Option<Side>,
     /// Both Close frames have passed; the peers have this long to close their sockets.
     handshake_deadline: Option<Instant>,
+    /// Traffic already given to the tally.
+    reported: Traffic,
 }
 
 /// What the processing of one read found besides bytes to forward.
@@ -590,6 +642,17 @@ where
             }
         }
         t.max(now)
+    }
+
+    fn traffic(&self) -> Traffic {
+        Traffic {
+            bytes_up: self.up.bytes,
+            bytes_down: self.down.bytes,
+            frames_up: self.up.frames,
+            frames_down: self.down.frames,
+            pings_sent: self.keep.pings_sent,
+            pongs_received: self.keep.pongs,
+        }
     }
 
     fn summary(&self) -> Summary {

@@ -174,6 +174,25 @@ fn cut(bytes: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
     out
 }
 
+/// Sums what a tunnel reports, to hold it against the tunnel's own totals.
+#[derive(Default)]
+struct Recorder {
+    sum: std::cell::Cell<Traffic>,
+}
+
+impl Tally for Recorder {
+    fn add(&self, d: &Traffic) {
+        let mut t = self.sum.get();
+        t.bytes_up += d.bytes_up;
+        t.bytes_down += d.bytes_down;
+        t.frames_up += d.frames_up;
+        t.frames_down += d.frames_down;
+        t.pings_sent += d.pings_sent;
+        t.pongs_received += d.pongs_received;
+        self.sum.set(t);
+    }
+}
+
 fn relay(client: Vec<Vec<u8>>, backend: Vec<Vec<u8>>, s: &Settings) -> (Mock, Mock, Summary) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -182,7 +201,31 @@ fn relay(client: Vec<Vec<u8>>, backend: Vec<Vec<u8>>, s: &Settings) -> (Mock, Mo
     rt.block_on(async {
         let mut c = Mock::new(client);
         let mut b = Mock::new(backend);
-        let sum = run(&mut c, Bytes::new(), &mut b, Bytes::new(), s, &NoDrain, 1).await;
+        let tally = Recorder::default();
+        let sum = run(
+            &mut c,
+            Bytes::new(),
+            &mut b,
+            Bytes::new(),
+            s,
+            &NoDrain,
+            &tally,
+            1,
+        )
+        .await;
+        // Every test also checks that the live reports add up to the tunnel's totals.
+        let reported = tally.sum.get();
+        assert_eq!(
+            reported,
+            Traffic {
+                bytes_up: sum.bytes_up,
+                bytes_down: sum.bytes_down,
+                frames_up: sum.frames_up,
+                frames_down: sum.frames_down,
+                pings_sent: sum.pings_sent,
+                pongs_received: sum.pongs_received,
+            }
+        );
         (c, b, sum)
     })
 }
