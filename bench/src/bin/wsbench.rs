@@ -26,7 +26,10 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, run(args));
 }
@@ -42,12 +45,19 @@ async fn run(args: Vec<String>) {
             // Idle tunnels still read, so gateway pings are answered as a real client would.
             let readers: Vec<_> = tunnels
                 .into_iter()
-                .map(|mut ws| tokio::task::spawn_local(async move { while let Some(Ok(_)) = ws.next().await {} }))
+                .map(|mut ws| {
+                    tokio::task::spawn_local(
+                        async move { while let Some(Ok(_)) = ws.next().await {} },
+                    )
+                })
                 .collect();
             println!("ready");
             wait_go().await;
             let alive = readers.iter().filter(|r| !r.is_finished()).count();
-            println!("{}", serde_json::json!({"mode": "idle", "tunnels": n, "alive": alive}));
+            println!(
+                "{}",
+                serde_json::json!({"mode": "idle", "tunnels": n, "alive": alive})
+            );
         }
         "echo" => {
             let tunnels = open_many(&arg(1), num(2), &connector).await;
@@ -55,7 +65,12 @@ async fn run(args: Vec<String>) {
             println!("ready");
             wait_go().await;
             let started = Instant::now();
-            let hists = join_all(tunnels.into_iter().map(|ws| tokio::task::spawn_local(closed_loop(ws, size, count)))).await;
+            let hists = join_all(
+                tunnels
+                    .into_iter()
+                    .map(|ws| tokio::task::spawn_local(closed_loop(ws, size, count))),
+            )
+            .await;
             report("echo", started, hists);
         }
         "paced" => {
@@ -115,11 +130,13 @@ fn connector() -> Connector {
             roots.add(cert.expect("CA cert")).expect("CA cert");
         }
     }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("TLS 1.3")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .expect("TLS 1.3")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     // Every handshake is a full one, as when a fleet of new clients arrives.
     cfg.resumption = rustls::client::Resumption::disabled();
     Connector::Rustls(Arc::new(cfg))
@@ -129,11 +146,21 @@ async fn open(url: &str, connector: &Connector) -> Ws {
     let u: tokio_tungstenite::tungstenite::http::Uri = url.parse().expect("url");
     let host = u.host().expect("host");
     let port = u.port_u16().unwrap_or(443);
-    let tcp = TcpStream::connect((if host == "localhost" { "127.0.0.1" } else { host }, port)).await.expect("connect");
+    let tcp = TcpStream::connect((
+        if host == "localhost" {
+            "127.0.0.1"
+        } else {
+            host
+        },
+        port,
+    ))
+    .await
+    .expect("connect");
     let _ = tcp.set_nodelay(true);
-    let (ws, _) = tokio_tungstenite::client_async_tls_with_config(url, tcp, None, Some(connector.clone()))
-        .await
-        .expect("handshake");
+    let (ws, _) =
+        tokio_tungstenite::client_async_tls_with_config(url, tcp, None, Some(connector.clone()))
+            .await
+            .expect("handshake");
     ws
 }
 
@@ -143,7 +170,9 @@ async fn open_many(url: &str, n: u64, connector: &Connector) -> Vec<Ws> {
     let mut pending = Vec::new();
     for i in 0..n {
         let (url, c) = (url.to_string(), connector.clone());
-        pending.push(tokio::task::spawn_local(async move { open(&url, &c).await }));
+        pending.push(tokio::task::spawn_local(
+            async move { open(&url, &c).await },
+        ));
         if pending.len() == 64 || i + 1 == n {
             out.extend(join_all(pending.drain(..)).await);
         }
@@ -156,14 +185,22 @@ async fn closed_loop(mut ws: Ws, size: usize, count: u64) -> Histogram<u64> {
     let payload = vec![0x5a; size];
     for _ in 0..count {
         let t = Instant::now();
-        ws.send(Message::binary(payload.clone())).await.expect("send");
+        ws.send(Message::binary(payload.clone()))
+            .await
+            .expect("send");
         next_data(&mut ws).await;
         let _ = h.record(t.elapsed().as_micros() as u64);
     }
     h
 }
 
-async fn paced_loop(mut ws: Ws, size: usize, period: Duration, first: Instant, until: Instant) -> Histogram<u64> {
+async fn paced_loop(
+    mut ws: Ws,
+    size: usize,
+    period: Duration,
+    first: Instant,
+    until: Instant,
+) -> Histogram<u64> {
     let mut h = hist();
     let payload = vec![0x5a; size];
     let mut tick = tokio::time::interval_at(first.into(), period);
@@ -174,7 +211,9 @@ async fn paced_loop(mut ws: Ws, size: usize, period: Duration, first: Instant, u
             break;
         }
         let t = Instant::now();
-        ws.send(Message::binary(payload.clone())).await.expect("send");
+        ws.send(Message::binary(payload.clone()))
+            .await
+            .expect("send");
         next_data(&mut ws).await;
         let _ = h.record(t.elapsed().as_micros() as u64);
     }
@@ -195,7 +234,9 @@ fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram")
 }
 
-async fn join_all<T: 'static>(handles: impl IntoIterator<Item = tokio::task::JoinHandle<T>>) -> Vec<T> {
+async fn join_all<T: 'static>(
+    handles: impl IntoIterator<Item = tokio::task::JoinHandle<T>>,
+) -> Vec<T> {
     // Spawn everything first: awaiting a lazy iterator would start each task after the last.
     let handles: Vec<_> = handles.into_iter().collect();
     let mut out = Vec::new();
