@@ -133,18 +133,8 @@ impl GatewayClose {
 /// What happened over a tunnel's life, for the closing log line and metrics.
 #[derive(Debug, Clone)]
 pub struct Summary {
-    /// Client-to-backend bytes forwarded.
-    pub bytes_up: u64,
-    /// Backend-to-client bytes forwarded.
-    pub bytes_down: u64,
-    /// Client frames forwarded.
-    pub frames_up: u64,
-    /// Backend frames forwarded.
-    pub frames_down: u64,
-    /// Gateway pings sent.
-    pub pings_sent: u64,
-    /// Pongs to gateway pings received (and consumed).
-    pub pongs_received: u64,
+    /// Everything relayed, gateway pings and their pongs included.
+    pub traffic: Traffic,
     /// Who ended it.
     pub closed_by: Side,
     /// Close code of the first Close frame (the gateway's own when it closed).
@@ -168,7 +158,7 @@ pub struct Traffic {
     pub frames_down: u64,
     /// Gateway pings sent.
     pub pings_sent: u64,
-    /// Pongs to gateway pings received.
+    /// Pongs to gateway pings received (and consumed).
     pub pongs_received: u64,
 }
 
@@ -697,12 +687,7 @@ where
             },
         };
         Summary {
-            bytes_up: self.up.bytes,
-            bytes_down: self.down.bytes,
-            frames_up: self.up.frames,
-            frames_down: self.down.frames,
-            pings_sent: self.keep.pings_sent,
-            pongs_received: self.keep.pongs,
+            traffic: self.traffic(),
             closed_by,
             close_code: code,
             reason,
