@@ -480,15 +480,25 @@ async fn ipv6_clients_are_served_and_forwarded_with_quoted_addresses() {
     );
 }
 
+/// A rustls client driven by hand over a blocking socket (5 s read timeout), for tests that
+/// control exactly which TLS records go out in which write.
+fn blocking_tls_client(
+    addr: std::net::SocketAddr,
+    cfg: std::sync::Arc<rustls::ClientConfig>,
+) -> (rustls::ClientConnection, std::net::TcpStream) {
+    let conn = rustls::ClientConnection::new(cfg, "localhost".try_into().unwrap()).unwrap();
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    (conn, tcp)
+}
+
 #[tokio::test]
 async fn request_sent_in_the_same_write_as_the_client_finished_is_served() {
     let (gate, _b) = gate_with_echo().await;
     let (addr, cfg) = (gate.tls_addr, gate.pki.client_config());
     let resp = tokio::task::spawn_blocking(move || {
         use std::io::{Read, Write};
-        let mut conn = rustls::ClientConnection::new(cfg, "localhost".try_into().unwrap()).unwrap();
-        let mut tcp = std::net::TcpStream::connect(addr).unwrap();
-        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let (mut conn, mut tcp) = blocking_tls_client(addr, cfg);
         while conn.is_handshaking() {
             while conn.wants_write() {
                 conn.write_tls(&mut tcp).unwrap();
@@ -534,9 +544,7 @@ async fn tunnel_survives_a_client_key_update() {
     let (addr, cfg) = (gate.tls_addr, gate.pki.client_config());
     let echoed = tokio::task::spawn_blocking(move || {
         use std::io::{Read, Write};
-        let mut conn = rustls::ClientConnection::new(cfg, "localhost".try_into().unwrap()).unwrap();
-        let mut tcp = std::net::TcpStream::connect(addr).unwrap();
-        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let (mut conn, mut tcp) = blocking_tls_client(addr, cfg);
         let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
         tls.write_all(upgrade_request("/chat", "").as_bytes())
             .unwrap();
