@@ -1,9 +1,8 @@
 //! The admin listener: `/metrics` (Prometheus text), `/healthz` (200 while the process serves)
 //! and `/readyz` (200 while accepting, 503 while draining). Meant for loopback or a private
-//! network: it has no authentication.
+//! network.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -11,21 +10,14 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
-use crate::Shared;
+use crate::server::Shared;
 
-/// Binds the admin address.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
-}
-
-/// Serves admin requests until the process exits (it stays up while draining, so `/readyz`
-/// can say so).
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
+/// Serves admin requests until `stop` (it stays up while draining, so `/readyz` can say so),
+/// with the same accept back-off as the client listeners.
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    crate::listener::accept_with_backoff(&listener, &stop, |tcp, _peer| {
         let shared = shared.clone();
         tokio::spawn(async move {
             let svc =
@@ -37,7 +29,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 .serve_connection(TokioIo::new(tcp), svc)
                 .await;
         });
-    }
+    })
+    .await;
 }
 
 fn answer(shared: &Shared, path: &str) -> Response<Full<Bytes>> {

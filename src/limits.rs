@@ -15,13 +15,15 @@ use governor::middleware::NoOpMiddleware;
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
 
+use crate::reject::Refusal;
+
 /// The key a client is counted under: its IPv4 address, or its IPv6 prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct IpKey(IpAddr);
+pub(crate) struct IpKey(IpAddr);
 
 impl IpKey {
     /// The key of `ip` with IPv6 addresses cut to `v6_prefix` bits (IPv4-mapped ones unwrapped).
-    pub fn new(ip: IpAddr, v6_prefix: u8) -> Self {
+    pub(crate) fn new(ip: IpAddr, v6_prefix: u8) -> Self {
         match ip {
             IpAddr::V4(_) => IpKey(ip),
             IpAddr::V6(v6) => {
@@ -40,25 +42,6 @@ impl IpKey {
     }
 }
 
-/// Why a connection was turned away at accept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// Over `per_ip_rate` / `per_ip_burst`.
-    Rate,
-    /// Over `per_ip_max_connections`.
-    PerIpCap,
-}
-
-impl Refusal {
-    /// The `reason` label of the rejection counter.
-    pub fn metric_reason(self) -> &'static str {
-        match self {
-            Refusal::Rate => "rate_limit",
-            Refusal::PerIpCap => "per_ip_cap",
-        }
-    }
-}
-
 type KeyedLimiter =
     RateLimiter<IpKey, DefaultKeyedStateStore<IpKey>, governor::clock::DefaultClock>;
 
@@ -69,7 +52,7 @@ struct Settings {
 }
 
 /// Admission state shared by every listener; survives reloads.
-pub struct Admission {
+pub(crate) struct Admission {
     settings: ArcSwap<Settings>,
     rate: ArcSwapOption<KeyedLimiter>,
     per_ip: Mutex<HashMap<IpKey, u32>>,
@@ -77,16 +60,16 @@ pub struct Admission {
 }
 
 /// A connection's hold on its admission slots.
-pub struct Permit {
+pub(crate) struct Permit {
     admission: Arc<Admission>,
     key: Option<IpKey>,
     /// True when the global cap was already reached: answer 503.
-    pub over_capacity: bool,
+    pub(crate) over_capacity: bool,
 }
 
 impl Admission {
     /// Admission with the given limits.
-    pub fn new(limits: &crate::config::Limits, max_connections: usize) -> Arc<Self> {
+    pub(crate) fn new(limits: &crate::config::Limits, max_connections: usize) -> Arc<Self> {
         let a = Admission {
             settings: ArcSwap::from_pointee(Settings {
                 limits: limits.clone(),
@@ -101,7 +84,7 @@ impl Admission {
     }
 
     /// Applies reloaded limits; the rate state restarts only when the rate itself changed.
-    pub fn update(&self, limits: &crate::config::Limits, max_connections: usize) {
+    pub(crate) fn update(&self, limits: &crate::config::Limits, max_connections: usize) {
         let old = self.settings.load();
         let rate_changed = old.limits.per_ip_rate != limits.per_ip_rate
             || old.limits.per_ip_burst != limits.per_ip_burst
@@ -116,13 +99,13 @@ impl Admission {
     }
 
     /// Admits or refuses a new connection from `ip`.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, Refusal> {
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, Refusal> {
         let s = self.settings.load();
         let key = IpKey::new(ip, s.limits.ipv6_prefix);
         if let Some(rate) = &*self.rate.load()
             && rate.check_key(&key).is_err()
         {
-            return Err(Refusal::Rate);
+            return Err(Refusal::RateLimit);
         }
         let cap = s.limits.per_ip_max_connections;
         if cap > 0 {
@@ -141,13 +124,8 @@ impl Admission {
         })
     }
 
-    /// Client connections currently admitted.
-    pub fn active(&self) -> usize {
-        self.active.load(Ordering::Relaxed)
-    }
-
     /// Forgets rate state of addresses that have been quiet long enough to be at rest again.
-    pub fn prune(&self) -> usize {
+    pub(crate) fn prune(&self) -> usize {
         match &*self.rate.load() {
             Some(r) => prune(r),
             None => 0,
@@ -183,7 +161,7 @@ fn limiter(l: &crate::config::Limits) -> Option<KeyedLimiter> {
 }
 
 /// Drops keys at rest and gives their memory back; returns the keys left.
-pub fn prune<C: Clock>(
+pub(crate) fn prune<C: Clock>(
     r: &RateLimiter<IpKey, DefaultKeyedStateStore<IpKey>, C, NoOpMiddleware<C::Instant>>,
 ) -> usize {
     r.retain_recent();

@@ -1,33 +1,33 @@
-//! Listening and the first moments of a connection: binding (and re-binding on reload), the
-//! accept loop with back-off, admission before any TLS work, then one task per connection that
-//! reads the optional PROXY header, completes TLS and reads the first request head, all within
-//! `handshake_timeout`, answering early refusals itself before handing over to [`crate::proxy`].
+//! Listening and the first moments of a connection: binding (and, on reload, binding first and
+//! starting later), the accept loop with back-off, admission before any TLS work, then one task
+//! per connection that reads the optional PROXY header, completes TLS and hands the stream to
+//! [`crate::downstream`], all of it within `handshake_timeout` of the accept.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use crate::tls::stream::ServerTls;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
-use crate::handshake::{self, HeadError, Reject};
-use crate::leftover::Leftover;
-use crate::upstream::ClientInfo;
-use crate::{Shared, proxy};
+use crate::conn::{self, Conn, ListenerKind};
+use crate::limits::Permit;
+use crate::reject::{self, Refusal};
+use crate::server::{Runtime, Shared};
+use crate::tls::stream::ServerTls;
 
-/// The running listeners, keyed by configured address and kind (TLS or not).
+/// A configured listener: its address as written and its kind.
+pub(crate) type ListenKey = (SocketAddr, ListenerKind);
+
+/// The running listeners, changed by reloads.
 #[derive(Default)]
-pub struct Listeners {
-    map: Mutex<HashMap<(SocketAddr, bool), Entry>>,
+pub(crate) struct Listeners {
+    map: Mutex<HashMap<ListenKey, Entry>>,
 }
 
 struct Entry {
@@ -45,34 +45,44 @@ impl Entry {
     }
 }
 
+/// A socket bound for a listener whose accept loop has not started yet.
+pub(crate) struct Bound {
+    key: ListenKey,
+    socket: TcpListener,
+}
+
+/// A listener that could not be bound.
+#[derive(Debug)]
+pub(crate) struct BindError {
+    pub(crate) addr: SocketAddr,
+    pub(crate) error: io::Error,
+}
+
 impl Listeners {
-    /// Makes the running set match the configuration: binds new addresses first (so a failure
-    /// changes nothing), then stops the listeners no longer configured.
-    pub async fn apply(
-        &self,
-        shared: &Arc<Shared>,
-        tls: &[SocketAddr],
-        plain: &[SocketAddr],
-    ) -> Result<(), (SocketAddr, io::Error)> {
-        let wanted: Vec<(SocketAddr, bool)> = tls
-            .iter()
-            .map(|a| (*a, true))
-            .chain(plain.iter().map(|a| (*a, false)))
-            .collect();
+    /// Binds every wanted listener that is not running yet. Fallible and changes nothing: the
+    /// sockets accept nothing until [`Listeners::start`] (connections wait in the kernel's
+    /// queue meanwhile).
+    pub(crate) fn bind_missing(&self, wanted: &[ListenKey]) -> Result<Vec<Bound>, BindError> {
         let mut fresh = Vec::new();
-        for key in &wanted {
+        for key in wanted {
             if self.lock().contains_key(key) {
                 continue;
             }
-            let l = bind(key.0).map_err(|e| (key.0, e))?;
-            fresh.push((*key, l));
+            let socket = bind(key.0).map_err(|error| BindError { addr: key.0, error })?;
+            fresh.push(Bound { key: *key, socket });
         }
+        Ok(fresh)
+    }
+
+    /// Starts the accept loops of `bound` and stops the listeners not in `wanted`. Called after
+    /// the runtime they serve with has been stored, so no connection meets the old one.
+    pub(crate) fn start(&self, shared: &Arc<Shared>, bound: Vec<Bound>, wanted: &[ListenKey]) {
         let mut map = self.lock();
-        for (key, l) in fresh {
-            let local = l.local_addr().unwrap_or(key.0);
+        for Bound { key, socket } in bound {
+            let local = socket.local_addr().unwrap_or(key.0);
             let stop = CancellationToken::new();
-            tracing::info!(addr = %local, tls = key.1, "listening");
-            let socket = Arc::new(l);
+            tracing::info!(addr = %local, tls = key.1 == ListenerKind::Tls, "listening");
+            let socket = Arc::new(socket);
             tokio::spawn(accept_loop(
                 shared.clone(),
                 socket.clone(),
@@ -96,30 +106,33 @@ impl Listeners {
             }
             keep
         });
-        Ok(())
     }
 
     /// Stops every listener (draining): new connections are refused by the kernel at once.
-    pub fn close_all(&self) {
+    pub(crate) fn close_all(&self) {
         for (_, e) in self.lock().drain() {
             e.close();
         }
     }
 
     /// Bound addresses and whether each is TLS.
-    pub fn local_addrs(&self) -> Vec<(SocketAddr, bool)> {
-        let mut v: Vec<_> = self.lock().iter().map(|(k, e)| (e.local, k.1)).collect();
+    pub(crate) fn local_addrs(&self) -> Vec<(SocketAddr, bool)> {
+        let mut v: Vec<_> = self
+            .lock()
+            .iter()
+            .map(|(k, e)| (e.local, k.1 == ListenerKind::Tls))
+            .collect();
         v.sort();
         v
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(SocketAddr, bool), Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ListenKey, Entry>> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 /// Binds a listening socket; IPv6 sockets are v6-only so `0.0.0.0` and `[::]` can share a port.
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     let domain = socket2::Domain::for_address(addr);
     let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     s.set_reuse_address(true)?;
@@ -132,11 +145,13 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(s.into())
 }
 
-async fn accept_loop(
-    shared: Arc<Shared>,
-    listener: Arc<TcpListener>,
-    tls: bool,
-    stop: CancellationToken,
+/// Accepts until `stop`, handing each connection to `on_accept`. Errors that concern one
+/// connection are skipped; others (out of file descriptors or memory) back off, up to a
+/// second, rather than spin.
+pub(crate) async fn accept_with_backoff(
+    listener: &TcpListener,
+    stop: &CancellationToken,
+    mut on_accept: impl FnMut(TcpStream, SocketAddr),
 ) {
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -148,11 +163,10 @@ async fn accept_loop(
         match accepted {
             Ok((tcp, peer)) => {
                 backoff = Duration::from_millis(5);
-                admit(&shared, tcp, peer, tls);
+                on_accept(tcp, peer);
             }
             Err(e) if is_per_connection(&e) => {}
             Err(e) => {
-                // Out of file descriptors or memory: wait rather than spin.
                 tracing::error!(error = %e, "accept failed; backing off");
                 tokio::select! {
                     _ = stop.cancelled() => return,
@@ -173,157 +187,155 @@ fn is_per_connection(e: &io::Error) -> bool {
     )
 }
 
-fn admit(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr, tls: bool) {
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: Arc<TcpListener>,
+    kind: ListenerKind,
+    stop: CancellationToken,
+) {
+    accept_with_backoff(&listener, &stop, |tcp, peer| {
+        admit(&shared, tcp, peer, kind)
+    })
+    .await;
+}
+
+/// Admission right after accept: the per-address rate and cap, before any TLS work. With
+/// `proxy_protocol` it waits for the header, which names the address to count.
+fn admit(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr, kind: ListenerKind) {
     if shared.drain.is_draining() {
         return;
     }
+    let accepted = Instant::now();
     let rt = shared.runtime.load_full();
     let id = shared.next_id();
-    if rt.config.server.proxy_protocol {
-        // The real client address is in the PROXY header: admission waits for it.
-        shared
-            .tasks
-            .spawn(connection(shared.clone(), rt, tcp, peer, tls, None, id));
-        return;
-    }
-    match shared.admission.admit(peer.ip()) {
-        Ok(permit) => {
-            shared.tasks.spawn(connection(
-                shared.clone(),
-                rt,
-                tcp,
-                peer,
-                tls,
-                Some(permit),
-                id,
-            ));
+    let permit = if rt.config.server.proxy_protocol {
+        None
+    } else {
+        match shared.admission.admit(peer.ip()) {
+            Ok(p) => Some(p),
+            Err(refusal) => {
+                tracing::info_span!("conn", id, client = %peer)
+                    .in_scope(|| reject::record(shared, refusal));
+                return;
+            }
         }
-        Err(refusal) => {
-            shared.metrics.reject(refusal.metric_reason());
-            log_refusal(peer, refusal.metric_reason());
-        }
-    }
+    };
+    let accept = Accepted {
+        shared: shared.clone(),
+        rt,
+        tcp,
+        peer,
+        kind,
+        id,
+        accepted,
+    };
+    shared.tasks.spawn(connection(accept, permit));
 }
 
-/// A client connection: over TLS (left) or cleartext (right).
-pub type ClientStream = Either<Box<ServerTls>, TcpStream>;
-
-#[allow(clippy::too_many_arguments)]
-async fn connection(
+/// A socket just accepted, before its client is known for sure (PROXY header) and admitted.
+struct Accepted {
     shared: Arc<Shared>,
-    rt: Arc<crate::Runtime>,
-    mut tcp: TcpStream,
-    socket_peer: SocketAddr,
-    tls: bool,
-    permit: Option<crate::limits::Permit>,
+    rt: Arc<Runtime>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    kind: ListenerKind,
     id: u64,
-) {
-    let start = Instant::now();
-    let server = &rt.config.server;
-    let deadline = start + server.handshake_timeout;
+    accepted: Instant,
+}
+
+async fn connection(a: Accepted, permit: Option<Permit>) {
+    let Accepted {
+        shared,
+        rt,
+        mut tcp,
+        peer,
+        kind,
+        id,
+        accepted,
+    } = a;
+    let deadline = accepted + rt.config.server.handshake_timeout;
     let _ = tcp.set_nodelay(true);
-    let mut peer = socket_peer;
-    let permit = match permit {
-        Some(p) => p,
+    let (client, permit) = match permit {
+        Some(p) => (peer, p),
         None => {
-            match tokio::time::timeout_at(
+            let header = tokio::time::timeout_at(
                 deadline,
-                crate::proxy_protocol::read_header(&mut tcp, socket_peer),
+                crate::proxy_protocol::read_header(&mut tcp, peer),
             )
-            .await
-            {
-                Ok(Ok(addr)) => peer = addr,
+            .await;
+            let span = || tracing::info_span!("conn", id, client = %peer);
+            let client = match header {
+                Ok(Ok(addr)) => addr,
                 Ok(Err(e)) => {
-                    shared.metrics.reject("proxy_protocol");
-                    log_refusal(socket_peer, "proxy_protocol");
-                    tracing::debug!(peer = %socket_peer, error = %e, "bad PROXY header");
+                    span().in_scope(|| {
+                        tracing::debug!(error = %e, "bad PROXY header");
+                        reject::record(&shared, Refusal::ProxyHeader);
+                    });
                     return;
                 }
                 Err(_) => {
-                    shared.metrics.reject("handshake_timeout");
+                    span().in_scope(|| reject::record(&shared, Refusal::HandshakeTimeout));
                     return;
                 }
-            }
-            match shared.admission.admit(peer.ip()) {
-                Ok(p) => p,
+            };
+            match shared.admission.admit(client.ip()) {
+                Ok(p) => (client, p),
                 Err(refusal) => {
-                    shared.metrics.reject(refusal.metric_reason());
-                    log_refusal(peer, refusal.metric_reason());
+                    tracing::info_span!("conn", id, client = %client)
+                        .in_scope(|| reject::record(&shared, refusal));
                     return;
                 }
             }
         }
     };
     let _open = OpenGauge::new(&shared);
-    let stream = if tls {
-        let Some(tls_config) = rt.tls.clone() else {
-            return;
-        };
-        if plain_http_on_tls_port(&tcp, deadline).await {
-            let r = Reject::BadRequest("plain HTTP sent to the TLS port; use https:// or wss://");
-            return refuse(&shared, Either::Right(tcp), peer, r, id).await;
-        }
-        match tokio::time::timeout_at(deadline, ServerTls::accept(tcp, tls_config)).await {
-            Ok(Ok(s)) => Either::Left(Box::new(s)),
-            Ok(Err(e)) => {
-                shared.metrics.tls_failures.inc();
-                tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                shared.metrics.reject("handshake_timeout");
-                log_refusal(peer, "handshake_timeout");
-                return;
-            }
-        }
-    } else {
-        Either::Right(tcp)
-    };
-    let mut stream = stream;
-    let mut buf = Vec::new();
-    let head = tokio::time::timeout_at(
-        deadline,
-        handshake::read_head(&mut stream, &mut buf, server.max_request_head),
-    )
-    .await;
-    let (parts, _len) = match head {
-        Err(_) => {
-            shared.metrics.reject("handshake_timeout");
-            log_refusal(peer, "handshake_timeout");
-            return;
-        }
-        Ok(Err(HeadError::Closed)) | Ok(Err(HeadError::Io(_))) => return,
-        Ok(Err(HeadError::Reject(r))) => return refuse(&shared, stream, peer, r, id).await,
-        Ok(Ok(h)) => h,
-    };
-    shared
-        .metrics
-        .handshake_seconds
-        .observe(start.elapsed().as_secs_f64());
-    if permit.over_capacity {
-        return refuse(&shared, stream, peer, Reject::Overloaded, id).await;
-    }
-    if shared.drain.is_draining() {
-        return refuse(&shared, stream, peer, Reject::Draining, id).await;
-    }
-    if let Err(r) = handshake::check(&parts, &rt.routes) {
-        return refuse(&shared, stream, peer, r, id).await;
-    }
-    let client = ClientInfo {
-        addr: peer,
-        tls,
+    let span = conn::span(id, client);
+    let conn = Conn {
         id,
-    };
-    let io = Rewind::new(stream, buf);
-    proxy::serve(
-        shared.clone(),
-        rt.clone(),
-        io,
         client,
-        Arc::new(permit),
-        start,
-    )
-    .await;
+        listener: kind,
+        accepted,
+        permit,
+        rt,
+        shared: shared.clone(),
+        span: span.clone(),
+    };
+    let tunnel = handshake(conn, tcp, deadline).instrument(span).await;
+    if let Some(t) = tunnel {
+        t.run().await;
+    }
+}
+
+/// TLS (on a TLS listener) within the deadline, then the requests.
+async fn handshake(conn: Conn, tcp: TcpStream, deadline: Instant) -> Option<crate::tunnel::Tunnel> {
+    let stream = match conn.listener {
+        ListenerKind::Plain => Either::Right(tcp),
+        ListenerKind::Tls => {
+            let Some(tls_config) = conn.rt.tls.clone() else {
+                // Runtime::build gives every configuration with a TLS listener a TLS config,
+                // and listeners start only after their runtime is stored.
+                tracing::error!("TLS listener without a TLS configuration");
+                return None;
+            };
+            if plain_http_on_tls_port(&tcp, deadline).await {
+                crate::downstream::refuse(&conn, tcp, Refusal::PlainHttpOnTls).await;
+                return None;
+            }
+            match tokio::time::timeout_at(deadline, ServerTls::accept(tcp, tls_config)).await {
+                Ok(Ok(s)) => Either::Left(Box::new(s)),
+                Ok(Err(e)) => {
+                    conn.shared.metrics.tls_failures.inc();
+                    tracing::debug!(error = %e, "TLS handshake failed");
+                    return None;
+                }
+                Err(_) => {
+                    reject::record(&conn.shared, Refusal::HandshakeTimeout);
+                    return None;
+                }
+            }
+        }
+    };
+    crate::downstream::serve(conn, stream).await
 }
 
 /// True when the first byte is an ASCII letter: an HTTP request, where a TLS handshake record
@@ -336,20 +348,13 @@ async fn plain_http_on_tls_port(tcp: &TcpStream, deadline: Instant) -> bool {
     )
 }
 
-async fn refuse(shared: &Shared, stream: ClientStream, peer: SocketAddr, r: Reject, id: u64) {
-    shared.metrics.reject(r.metric_reason());
-    if log_budget() {
-        tracing::info!(conn = id, client = %peer, status = r.status().as_u16(), reason = r.reason(), "request refused");
-    }
-    handshake::answer_and_close(stream, &r.to_bytes()).await;
-}
-
 /// Keeps the open-connections gauge right however the task ends.
 struct OpenGauge<'a>(&'a Shared);
 
 impl<'a> OpenGauge<'a> {
     fn new(s: &'a Shared) -> Self {
         s.metrics.client_connections.inc();
+        s.stats.connection_opened();
         OpenGauge(s)
     }
 }
@@ -357,98 +362,6 @@ impl<'a> OpenGauge<'a> {
 impl Drop for OpenGauge<'_> {
     fn drop(&mut self) {
         self.0.metrics.client_connections.dec();
-    }
-}
-
-/// Logs refusals at most a few times a second, so a flood cannot fill the disk.
-fn log_refusal(peer: SocketAddr, reason: &'static str) {
-    if log_budget() {
-        tracing::warn!(client = %peer, reason, "connection refused");
-    }
-}
-
-/// True while this second's budget of refusal log lines lasts; reports what was suppressed.
-pub fn log_budget() -> bool {
-    static WINDOW: AtomicU64 = AtomicU64::new(0);
-    static COUNT: AtomicU64 = AtomicU64::new(0);
-    static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    if WINDOW.swap(now, Ordering::Relaxed) != now {
-        COUNT.store(0, Ordering::Relaxed);
-        let s = SUPPRESSED.swap(0, Ordering::Relaxed);
-        if s > 0 {
-            tracing::warn!(suppressed = s, "refusals not logged in the last second");
-        }
-    }
-    if COUNT.fetch_add(1, Ordering::Relaxed) < 20 {
-        true
-    } else {
-        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
-        false
-    }
-}
-
-/// A stream that first yields bytes already read (the request head), then reads from the inner
-/// stream. The buffer is freed as soon as it has been consumed.
-pub struct Rewind<S> {
-    prefix: Leftover,
-    inner: S,
-}
-
-impl<S> Rewind<S> {
-    /// Wraps `inner`, to yield `prefix` first.
-    pub fn new(inner: S, prefix: Vec<u8>) -> Self {
-        Rewind {
-            prefix: Leftover::new(prefix),
-            inner,
-        }
-    }
-
-    /// The inner stream and the bytes of the prefix not yet read.
-    pub fn into_inner(self) -> (S, Vec<u8>) {
-        (self.inner, self.prefix.into_remaining())
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.prefix.is_empty() {
-            this.prefix.put_into(buf);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        self.0.stats.connection_closed();
     }
 }

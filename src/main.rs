@@ -37,7 +37,7 @@ fn main() -> ExitCode {
     };
     init_logging(&config);
     // One worker needs no work-stealing scheduler: the current-thread one wakes tasks cheaper.
-    let mut rt = match config.server.workers.map(|n| n.get()) {
+    let mut rt = match config.workers() {
         Some(1) => tokio::runtime::Builder::new_current_thread(),
         Some(n) => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
@@ -64,23 +64,7 @@ fn main() -> ExitCode {
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
-    let errors = match std::fs::read_to_string(path) {
-        Err(e) => vec![format!(
-            "{}: cannot read the configuration file: {e}",
-            path.display()
-        )],
-        Ok(text) => {
-            let (config, errors) = Config::parse_all(path, &text);
-            let mut lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
-            // Certificates are checked even when other keys are wrong, so one run shows everything.
-            if let Some(c) = config.filter(|c| !c.server.listen.is_empty())
-                && let Err(e) = wsgate::tls::server_config(&c.tls, &c.path)
-            {
-                lines.extend(e.iter().map(ToString::to_string));
-            }
-            lines
-        }
-    };
+    let errors = wsgate::check(path);
     if errors.is_empty() {
         println!("ok");
         return ExitCode::SUCCESS;
@@ -93,14 +77,14 @@ fn check(path: &std::path::Path) -> ExitCode {
 
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(config.log_level()));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     // journald stamps each line itself.
     let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    match (config.log.format, under_journald) {
+    match (config.log_format(), under_journald) {
         (LogFormat::Json, _) => builder.json().init(),
         (LogFormat::Text, true) => builder.without_time().init(),
         (LogFormat::Text, false) => builder.init(),

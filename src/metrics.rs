@@ -11,94 +11,94 @@ use prometheus_client::registry::Registry;
 
 /// A `route` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouteLabel {
+pub(crate) struct RouteLabel {
     /// Route label as in the config (`host/path` or `path`).
-    pub route: String,
+    pub(crate) route: String,
 }
 
 /// A `reason` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabel {
+pub(crate) struct ReasonLabel {
     /// Fixed reason name.
-    pub reason: &'static str,
+    pub(crate) reason: &'static str,
 }
 
 /// A `direction` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DirectionLabel {
+pub(crate) struct DirectionLabel {
     /// `client_to_backend` or `backend_to_client`.
-    pub direction: &'static str,
+    pub(crate) direction: &'static str,
 }
 
 /// Labels of the close counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CloseLabel {
+pub(crate) struct CloseLabel {
     /// Close code, or `none`, `3xxx`, `4xxx`, `other`.
-    pub code: String,
+    pub(crate) code: String,
     /// `client`, `backend` or `gateway`.
-    pub side: &'static str,
+    pub(crate) side: &'static str,
 }
 
 /// A `result` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResultLabel {
+pub(crate) struct ResultLabel {
     /// `ok` or `failed`.
-    pub result: &'static str,
+    pub(crate) result: &'static str,
 }
 
 /// Labels of the HTTP request counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabel {
+pub(crate) struct RequestLabel {
     /// Route label.
-    pub route: String,
+    pub(crate) route: String,
     /// Status class: `2xx` ... `5xx`.
-    pub status: &'static str,
+    pub(crate) status: &'static str,
 }
 
 /// Every metric wsgate exports.
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     /// Client connections currently held.
-    pub client_connections: Gauge,
+    pub(crate) client_connections: Gauge,
     /// Open WebSocket tunnels by route.
-    pub connections_open: Family<RouteLabel, Gauge>,
+    pub(crate) connections_open: Family<RouteLabel, Gauge>,
     /// WebSocket tunnels opened by route.
-    pub connections_total: Family<RouteLabel, Counter>,
+    pub(crate) connections_total: Family<RouteLabel, Counter>,
     /// Plain HTTP requests forwarded by route and status class.
-    pub http_requests: Family<RequestLabel, Counter>,
+    pub(crate) http_requests: Family<RequestLabel, Counter>,
     /// Refused handshakes by reason.
-    pub rejections: Family<ReasonLabel, Counter>,
+    pub(crate) rejections: Family<ReasonLabel, Counter>,
     /// Bytes relayed each way.
-    pub bytes: Family<DirectionLabel, Counter>,
+    pub(crate) bytes: Family<DirectionLabel, Counter>,
     /// Frames relayed each way.
-    pub frames: Family<DirectionLabel, Counter>,
+    pub(crate) frames: Family<DirectionLabel, Counter>,
     /// Gateway pings sent.
-    pub pings_sent: Counter,
+    pub(crate) pings_sent: Counter,
     /// Pongs to gateway pings received.
-    pub pongs_received: Counter,
+    pub(crate) pongs_received: Counter,
     /// Tunnels closed for a missing pong.
-    pub ping_timeouts: Counter,
+    pub(crate) ping_timeouts: Counter,
     /// Tunnels closed for idleness.
-    pub idle_timeouts: Counter,
+    pub(crate) idle_timeouts: Counter,
     /// Closes by code and by the side that started them.
-    pub closes: Family<CloseLabel, Counter>,
+    pub(crate) closes: Family<CloseLabel, Counter>,
     /// TLS handshakes that failed.
-    pub tls_failures: Counter,
+    pub(crate) tls_failures: Counter,
     /// Accept to request head read, seconds.
-    pub handshake_seconds: Histogram,
+    pub(crate) handshake_seconds: Histogram,
     /// Backend connect time, seconds.
-    pub backend_connect_seconds: Histogram,
+    pub(crate) backend_connect_seconds: Histogram,
     /// Configuration reloads by result.
-    pub reloads: Family<ResultLabel, Counter>,
+    pub(crate) reloads: Family<ResultLabel, Counter>,
     /// 1 when the last reload succeeded (or none was tried), 0 when it failed.
-    pub config_ok: Gauge,
+    pub(crate) config_ok: Gauge,
     /// The relay's counters, resolved once so tunnels add to them without label lookups.
-    pub relay: RelayCounters,
+    pub(crate) relay: RelayCounters,
 }
 
 /// Handles on the traffic counters every tunnel adds to while it runs.
 #[derive(Debug, Clone, Default)]
-pub struct RelayCounters {
+pub(crate) struct RelayCounters {
     bytes_up: Counter,
     bytes_down: Counter,
     frames_up: Counter,
@@ -132,7 +132,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Registers every metric.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut r = Registry::default();
         let mut m = Metrics {
             client_connections: Gauge::default(),
@@ -262,12 +262,12 @@ impl Metrics {
     }
 
     /// Counts one refused handshake.
-    pub fn reject(&self, reason: &'static str) {
+    pub(crate) fn reject(&self, reason: &'static str) {
         self.rejections.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     /// Counts one tunnel close.
-    pub fn close(&self, code: Option<u16>, side: &'static str) {
+    pub(crate) fn close(&self, code: Option<u16>, side: &'static str) {
         let code = match code {
             None => "none".to_string(),
             Some(c @ 1000..=1015) => c.to_string(),
@@ -279,7 +279,7 @@ impl Metrics {
     }
 
     /// The text exposition.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -6,7 +6,7 @@ use http::HeaderValue;
 
 /// One entry of `allowed_origins`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OriginRule {
+pub(crate) enum OriginRule {
     /// `"*"`: every Origin value, `null` included.
     Any,
     /// `"null"`: the opaque origin browsers send from sandboxed frames and files.
@@ -19,7 +19,7 @@ pub enum OriginRule {
 
 /// A parsed, normalised serialized origin.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Origin {
+pub(crate) struct Origin {
     scheme: String,
     host: String,
     port: Option<u16>,
@@ -27,7 +27,7 @@ pub struct Origin {
 
 /// Why an Origin was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OriginDenied {
+pub(crate) enum OriginDenied {
     /// No Origin header and `allow_missing_origin = false`.
     Missing,
     /// An Origin not on the list (or not an origin at all).
@@ -36,14 +36,14 @@ pub enum OriginDenied {
 
 /// A route's Origin policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OriginPolicy {
+pub(crate) struct OriginPolicy {
     rules: Vec<OriginRule>,
     allow_missing: bool,
 }
 
 impl OriginPolicy {
     /// A policy from parsed rules and the `allow_missing_origin` flag.
-    pub fn new(rules: Vec<OriginRule>, allow_missing: bool) -> Self {
+    pub(crate) fn new(rules: Vec<OriginRule>, allow_missing: bool) -> Self {
         OriginPolicy {
             rules,
             allow_missing,
@@ -51,7 +51,7 @@ impl OriginPolicy {
     }
 
     /// Checks the request's Origin header values (all of them: two Origin headers are refused).
-    pub fn check<'a>(
+    pub(crate) fn check<'a>(
         &self,
         mut values: impl Iterator<Item = &'a HeaderValue>,
     ) -> Result<(), OriginDenied> {
@@ -103,7 +103,7 @@ impl OriginPolicy {
 
 impl OriginRule {
     /// Parses one `allowed_origins` entry; the error says what is wrong with it.
-    pub fn parse(s: &str) -> Result<OriginRule, String> {
+    pub(crate) fn parse(s: &str) -> Result<OriginRule, String> {
         let t = s.trim();
         if t == "*" {
             return Ok(OriginRule::Any);
@@ -132,7 +132,7 @@ impl OriginRule {
 
 impl Origin {
     /// Parses `scheme://host[:port]`, lower-casing scheme and host and dropping default ports.
-    pub fn parse(s: &str) -> Result<Origin, &'static str> {
+    pub(crate) fn parse(s: &str) -> Result<Origin, &'static str> {
         let (scheme, rest) = s.split_once("://").ok_or("no scheme://")?;
         if scheme.is_empty()
             || !scheme

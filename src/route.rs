@@ -9,13 +9,13 @@ use crate::config::{Backend, Balance, Route};
 
 /// The routes of one configuration, with their round-robin counters.
 #[derive(Debug)]
-pub struct RouteTable {
+pub(crate) struct RouteTable {
     routes: Vec<(Route, AtomicUsize)>,
 }
 
 impl RouteTable {
     /// Builds the table from the configured routes.
-    pub fn new(routes: &[Route]) -> Self {
+    pub(crate) fn new(routes: &[Route]) -> Self {
         RouteTable {
             routes: routes
                 .iter()
@@ -25,7 +25,7 @@ impl RouteTable {
     }
 
     /// The route for `host` (a Host header, port allowed) and `path`, if any.
-    pub fn lookup(&self, host: Option<&str>, path: &str) -> Option<&Route> {
+    pub(crate) fn lookup(&self, host: Option<&str>, path: &str) -> Option<&Route> {
         let host = host.map(strip_port);
         self.routes
             .iter()
@@ -41,7 +41,7 @@ impl RouteTable {
 
     /// The route's backends in the order to try them for this client: round robin or
     /// client-address hash first, then the rest in turn.
-    pub fn backends<'a>(
+    pub(crate) fn backends<'a>(
         &self,
         route: &'a Route,
         client: IpAddr,
@@ -64,7 +64,7 @@ impl RouteTable {
 }
 
 /// True when `prefix` matches `path` on whole segments (`/chat` matches `/chat/x`, not `/chatx`).
-pub fn prefix_matches(prefix: &str, path: &str) -> bool {
+pub(crate) fn prefix_matches(prefix: &str, path: &str) -> bool {
     if prefix == "/" {
         return true;
     }
@@ -76,7 +76,7 @@ pub fn prefix_matches(prefix: &str, path: &str) -> bool {
 
 /// True when the path has a `.` or `..` segment, literally or percent-encoded (and with
 /// encoded slashes or backslashes counted as separators, as some backends decode them).
-pub fn has_dot_segment(path: &str) -> bool {
+pub(crate) fn has_dot_segment(path: &str) -> bool {
     let b = path.as_bytes();
     let mut decoded = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -17,7 +17,7 @@ const CLOSE_MARGIN: Duration = Duration::from_millis(500);
 
 /// The process-wide drain state.
 #[derive(Debug, Default)]
-pub struct Drain {
+pub(crate) struct Drain {
     token: CancellationToken,
     plan: OnceLock<Plan>,
 }
@@ -31,12 +31,12 @@ struct Plan {
 
 impl Drain {
     /// A drain that has not started.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Starts draining (once; later calls change nothing). Returns true the first time.
-    pub fn begin(&self, grace: Duration, spread: Duration) -> bool {
+    pub(crate) fn begin(&self, grace: Duration, spread: Duration) -> bool {
         let first = self
             .plan
             .set(Plan {
@@ -50,18 +50,13 @@ impl Drain {
     }
 
     /// True once draining started.
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.token.is_cancelled()
     }
 
     /// Resolves when draining starts.
-    pub fn started(&self) -> impl Future<Output = ()> + '_ {
+    pub(crate) fn started(&self) -> impl Future<Output = ()> + '_ {
         self.token.cancelled()
-    }
-
-    /// When every tunnel must be closed by.
-    pub fn deadline(&self) -> Option<Instant> {
-        self.plan.get().map(|p| p.start + p.grace)
     }
 
     fn tunnel_close_at(&self, id: u64) -> Instant {

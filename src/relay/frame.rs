@@ -4,47 +4,47 @@
 //! bytes down to the next boundary. Payload is never copied, unmasked or buffered here.
 
 /// Continuation frame.
-pub const OP_CONTINUATION: u8 = 0x0;
+pub(crate) const OP_CONTINUATION: u8 = 0x0;
 /// Text frame.
-pub const OP_TEXT: u8 = 0x1;
+pub(crate) const OP_TEXT: u8 = 0x1;
 /// Binary frame.
-pub const OP_BINARY: u8 = 0x2;
+pub(crate) const OP_BINARY: u8 = 0x2;
 /// Close frame.
-pub const OP_CLOSE: u8 = 0x8;
+pub(crate) const OP_CLOSE: u8 = 0x8;
 /// Ping frame.
-pub const OP_PING: u8 = 0x9;
+pub(crate) const OP_PING: u8 = 0x9;
 /// Pong frame.
-pub const OP_PONG: u8 = 0xA;
+pub(crate) const OP_PONG: u8 = 0xA;
 
 /// The longest possible frame header: 2 + 8 (64-bit length) + 4 (mask).
-pub const MAX_HEADER: usize = 14;
+pub(crate) const MAX_HEADER: usize = 14;
 
 /// A parsed frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Header {
+pub(crate) struct Header {
     /// FIN bit.
-    pub fin: bool,
+    pub(crate) fin: bool,
     /// RSV1..3 as the top three bits of a nibble; left alone (extensions own them).
-    pub rsv: u8,
+    pub(crate) rsv: u8,
     /// Opcode nibble.
-    pub opcode: u8,
+    pub(crate) opcode: u8,
     /// Mask key when the MASK bit is set.
-    pub mask: Option<[u8; 4]>,
+    pub(crate) mask: Option<[u8; 4]>,
     /// Declared payload length (may have the top bit set; the tracker refuses that).
-    pub len: u64,
+    pub(crate) len: u64,
     /// Header size in bytes (2 to 14).
-    pub header_len: usize,
+    pub(crate) header_len: usize,
 }
 
 impl Header {
     /// True for text, binary and continuation frames.
-    pub fn is_data(&self) -> bool {
+    pub(crate) fn is_data(&self) -> bool {
         self.opcode <= OP_BINARY
     }
 }
 
 /// Parses the header at the start of `buf`; `None` means more bytes are needed.
-pub fn parse_header(buf: &[u8]) -> Option<Header> {
+pub(crate) fn parse_header(buf: &[u8]) -> Option<Header> {
     let [b0, b1, ..] = *buf else { return None };
     let masked = b1 & 0x80 != 0;
     let (len, len_bytes) = match b1 & 0x7f {
@@ -79,7 +79,7 @@ pub fn parse_header(buf: &[u8]) -> Option<Header> {
 
 /// Which peer sends the frames a tracker sees; it decides the masking rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sender {
+pub(crate) enum Sender {
     /// Client frames: must be masked, and are bounded by `max_frame_size`.
     Client,
     /// Backend frames: must not be masked.
@@ -88,7 +88,7 @@ pub enum Sender {
 
 /// Something RFC 6455 section 5 forbids, or a frame over the size limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Violation {
+pub(crate) enum Violation {
     /// Opcodes 3-7 and 11-15.
     ReservedOpcode,
     /// A control frame without FIN.
@@ -111,7 +111,7 @@ pub enum Violation {
 
 impl Violation {
     /// The close code to send the peer that caused it (1009 for size, 1002 otherwise).
-    pub fn close_code(self) -> u16 {
+    pub(crate) fn close_code(self) -> u16 {
         match self {
             Violation::TooLarge => 1009,
             _ => 1002,
@@ -119,7 +119,7 @@ impl Violation {
     }
 
     /// A short reason for Close frames and logs.
-    pub fn reason(self) -> &'static str {
+    pub(crate) fn reason(self) -> &'static str {
         match self {
             Violation::ReservedOpcode => "reserved opcode",
             Violation::FragmentedControl => "fragmented control frame",
@@ -134,7 +134,7 @@ impl Violation {
     }
 
     /// The reason told to the backend when the client committed it.
-    pub fn client_reason(self) -> &'static str {
+    pub(crate) fn client_reason(self) -> &'static str {
         match self {
             Violation::ReservedOpcode => "client protocol error: reserved opcode",
             Violation::FragmentedControl => "client protocol error: fragmented control frame",
@@ -151,7 +151,7 @@ impl Violation {
 
 /// Frame boundary state of one direction of a tunnel.
 #[derive(Debug, Clone)]
-pub struct Tracker {
+pub(crate) struct Tracker {
     sender: Sender,
     max_len: u64,
     /// Payload bytes of the current frame still to pass; 0 means "at a frame boundary".
@@ -164,7 +164,7 @@ pub struct Tracker {
 
 impl Tracker {
     /// A tracker for frames sent by `sender`; `max_len` bounds client frames.
-    pub fn new(sender: Sender, max_len: u64) -> Self {
+    pub(crate) fn new(sender: Sender, max_len: u64) -> Self {
         Tracker {
             sender,
             max_len,
@@ -175,24 +175,24 @@ impl Tracker {
     }
 
     /// True between frames, where the gateway may insert a frame of its own.
-    pub fn at_boundary(&self) -> bool {
+    pub(crate) fn at_boundary(&self) -> bool {
         self.remaining == 0
     }
 
     /// True while a data frame's payload is passing.
-    pub fn in_data_payload(&self) -> bool {
+    pub(crate) fn in_data_payload(&self) -> bool {
         self.remaining > 0 && self.data_payload
     }
 
     /// Accounts for up to `avail` payload bytes; returns how many belong to the current frame.
-    pub fn take_payload(&mut self, avail: usize) -> usize {
+    pub(crate) fn take_payload(&mut self, avail: usize) -> usize {
         let n = (avail as u64).min(self.remaining) as usize;
         self.remaining -= n as u64;
         n
     }
 
     /// Validates a header parsed at a boundary and starts its frame.
-    pub fn begin(&mut self, h: &Header) -> Result<(), Violation> {
+    pub(crate) fn begin(&mut self, h: &Header) -> Result<(), Violation> {
         debug_assert!(self.at_boundary());
         if h.len >> 63 != 0 {
             return Err(Violation::LengthTopBit);
@@ -236,7 +236,7 @@ impl Tracker {
 }
 
 /// Writes a frame header for `len` payload bytes into `out`; returns its length.
-pub fn encode_header(
+pub(crate) fn encode_header(
     out: &mut [u8; MAX_HEADER],
     fin: bool,
     opcode: u8,
@@ -266,14 +266,14 @@ pub fn encode_header(
 
 /// A whole control frame (at most 125 bytes of payload) built on the stack.
 #[derive(Clone, Copy)]
-pub struct ControlFrame {
+pub(crate) struct ControlFrame {
     buf: [u8; MAX_HEADER + 125],
     len: usize,
 }
 
 impl ControlFrame {
     /// A frame with `payload` (cut to 125 bytes), masked with `mask` when given.
-    pub fn new(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Self {
+    pub(crate) fn new(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Self {
         let payload = &payload[..payload.len().min(125)];
         let mut hdr = [0u8; MAX_HEADER];
         let h = encode_header(&mut hdr, true, opcode, mask, payload.len() as u64);
@@ -290,7 +290,7 @@ impl ControlFrame {
     }
 
     /// A Close frame with a code and a reason (the reason is cut to fit 125 bytes).
-    pub fn close(code: u16, reason: &str, mask: Option<[u8; 4]>) -> Self {
+    pub(crate) fn close(code: u16, reason: &str, mask: Option<[u8; 4]>) -> Self {
         let mut p = [0u8; 125];
         p[..2].copy_from_slice(&code.to_be_bytes());
         let mut r = reason.len().min(123);
@@ -302,13 +302,13 @@ impl ControlFrame {
     }
 
     /// The encoded bytes.
-    pub fn bytes(&self) -> &[u8] {
+    pub(crate) fn bytes(&self) -> &[u8] {
         &self.buf[..self.len]
     }
 }
 
 /// XORs `data` with the mask, `offset` bytes into the payload.
-pub fn apply_mask(data: &mut [u8], mask: [u8; 4], offset: usize) {
+pub(crate) fn apply_mask(data: &mut [u8], mask: [u8; 4], offset: usize) {
     for (i, b) in data.iter_mut().enumerate() {
         *b ^= mask[(offset + i) & 3];
     }

@@ -7,14 +7,18 @@ use std::task::{Context, Poll};
 
 use proptest::prelude::*;
 
-use super::frame::{self, encode_header, parse_header};
+use tokio::io::ReadBuf;
+
+use super::frame::{self, Tracker, encode_header, parse_header};
 use super::*;
 
-/// Reads out `chunks` one per read (then EOF); records what is written.
+/// Reads out `chunks` one per read (then EOF, or nothing ever again when held open);
+/// records what is written.
 struct Mock {
     chunks: std::collections::VecDeque<Vec<u8>>,
     written: Vec<u8>,
     shut: bool,
+    hold_open: bool,
 }
 
 impl Mock {
@@ -23,6 +27,15 @@ impl Mock {
             chunks: chunks.into(),
             written: Vec::new(),
             shut: false,
+            hold_open: false,
+        }
+    }
+
+    /// A peer that sends `chunks` and then stays connected without a word.
+    fn open(chunks: Vec<Vec<u8>>) -> Self {
+        Mock {
+            hold_open: true,
+            ..Mock::new(chunks)
         }
     }
 }
@@ -40,6 +53,8 @@ impl AsyncRead for Mock {
                 c.drain(..n);
                 self.chunks.push_front(c);
             }
+        } else if self.hold_open {
+            return Poll::Pending;
         }
         Poll::Ready(Ok(()))
     }
@@ -194,25 +209,25 @@ impl Tally for Recorder {
 }
 
 fn relay(client: Vec<Vec<u8>>, backend: Vec<Vec<u8>>, s: &Settings) -> (Mock, Mock, Summary) {
+    relay_mocks(Mock::new(client), Mock::new(backend), s)
+}
+
+/// Runs a tunnel between two mocks under paused time (timers fire as soon as all is idle).
+fn relay_mocks(mut c: Mock, mut b: Mock, s: &Settings) -> (Mock, Mock, Summary) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
+        .start_paused(true)
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut c = Mock::new(client);
-        let mut b = Mock::new(backend);
         let tally = Recorder::default();
-        let sum = run(
-            &mut c,
-            Bytes::new(),
-            &mut b,
-            Bytes::new(),
-            s,
-            &NoDrain,
-            &tally,
-            1,
-        )
-        .await;
+        let peers = Peers {
+            client: &mut c,
+            client_prefix: Bytes::new(),
+            backend: &mut b,
+            backend_prefix: Bytes::new(),
+        };
+        let sum = run(peers, s, &NoDrain, &tally, 1).await;
         // Every test also checks that the live reports add up to the tunnel's totals.
         assert_eq!(tally.sum.get(), sum.traffic);
         (c, b, sum)
@@ -327,7 +342,7 @@ fn unmasked_client_frame_gets_1002_and_backend_gets_masked_1001() {
         }],
         false,
     );
-    let (c, b, sum) = relay(vec![bytes], vec![], &settings(1024));
+    let (c, b, sum) = relay_mocks(Mock::new(vec![bytes]), Mock::open(vec![]), &settings(1024));
     assert_eq!(close_code(&c.written), Some(1002));
     assert_eq!(close_code(&b.written), Some(1001));
     assert!(parse_header(&b.written).unwrap().mask.is_some());
@@ -351,7 +366,7 @@ fn oversized_client_frame_is_refused_before_its_payload() {
     let first = encode(std::slice::from_ref(&small), true);
     let mut bytes = first.clone();
     bytes.extend(encode(&[big], true));
-    let (c, b, _) = relay(vec![bytes], vec![], &settings(1000));
+    let (c, b, _) = relay_mocks(Mock::new(vec![bytes]), Mock::open(vec![]), &settings(1000));
     assert_eq!(close_code(&c.written), Some(1009));
     assert!(
         b.written.starts_with(&first),
@@ -378,4 +393,99 @@ fn headers_split_across_reads_are_carried_over() {
     let (_, b, sum) = relay(chunks, vec![], &settings(1 << 20));
     assert_eq!(b.written, bytes);
     assert_eq!(sum.traffic.frames_up, 1);
+}
+
+fn masked(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    encode(
+        &[Spec {
+            fin: true,
+            rsv: 0,
+            opcode,
+            payload: payload.to_vec(),
+        }],
+        true,
+    )
+}
+
+#[test]
+fn a_backed_up_backend_gets_the_rest_after_a_short_write_and_a_pending_one() {
+    let first = masked(frame::OP_TEXT, b"first message");
+    let second = masked(frame::OP_BINARY, &[9; 300]);
+    let mut both = first.clone();
+    both.extend_from_slice(&second);
+    // The backend takes three bytes, then blocks for a second, then takes everything else.
+    let backend = tokio_test::io::Builder::new()
+        .write(&both[..3])
+        .wait(Duration::from_secs(1))
+        .write(&both[3..])
+        .build();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let started = Instant::now();
+        let mut client = Mock::new(vec![both.clone()]);
+        let peers = Peers {
+            client: &mut client,
+            client_prefix: Bytes::new(),
+            backend,
+            backend_prefix: Bytes::new(),
+        };
+        let sum = run(peers, &settings(1 << 20), &NoDrain, &NoTally, 1).await;
+        assert_eq!(sum.traffic.bytes_up, both.len() as u64);
+        assert_eq!(sum.traffic.frames_up, 2);
+        assert!(
+            started.elapsed() >= Duration::from_secs(1),
+            "the rest waited for the backend"
+        );
+        assert_eq!(sum.closed_by, Side::Client);
+    });
+}
+
+#[test]
+fn activity_pushes_the_idle_deadline_without_an_early_close() {
+    let s = Settings {
+        idle_timeout: Duration::from_secs(10),
+        ..settings(1 << 20)
+    };
+    let close = frame::ControlFrame::close(1001, "idle timeout", None);
+    let message = masked(frame::OP_TEXT, b"still here");
+    // The client sends a message at 6 s; the tunnel must stay up until 16 s, then close.
+    let client = tokio_test::io::Builder::new()
+        .wait(Duration::from_secs(6))
+        .read(&message)
+        .write(close.bytes())
+        .build();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let started = Instant::now();
+        let mut backend = Mock::open(vec![]);
+        let peers = Peers {
+            client,
+            client_prefix: Bytes::new(),
+            backend: &mut backend,
+            backend_prefix: Bytes::new(),
+        };
+        let sum = run(peers, &s, &NoDrain, &NoTally, 1).await;
+        let closed_at = started.elapsed();
+        assert_eq!(sum.gateway_close, Some(GatewayClose::Idle));
+        assert!(
+            closed_at >= Duration::from_secs(16) && closed_at < Duration::from_secs(19),
+            "closed {closed_at:?} after the start"
+        );
+        assert!(backend.written.starts_with(&message));
+        assert_eq!(close_code(&backend.written[message.len()..]), Some(1001));
+    });
+}
+
+struct NoTally;
+
+impl Tally for NoTally {
+    fn add(&self, _: &Traffic) {}
 }

@@ -2,7 +2,7 @@
 //! a check that each key matches its certificate, SNI choice among `[[tls.sni]]` entries, and
 //! the rustls `ServerConfig` (TLS 1.2 and 1.3, ALPN `http/1.1`); [`stream`] runs connections.
 
-pub mod stream;
+pub(crate) mod stream;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -18,7 +18,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use crate::config::{ConfigError, Sourced, Tls};
 
 /// The crypto provider wsgate uses everywhere.
-pub fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     let mut p = rustls::crypto::ring::default_provider();
     // AES-128-GCM first: as strong in practice and cheaper per record than AES-256-GCM.
     p.cipher_suites.sort_by_key(|s| match s.suite() {
@@ -46,7 +46,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 /// Loads every certificate of `tls` and builds the server configuration; errors cite the
 /// config lines.
-pub fn server_config(
+pub(crate) fn server_config(
     tls: &Tls,
     config_file: &std::path::Path,
 ) -> Result<Arc<ServerConfig>, Vec<ConfigError>> {

@@ -32,7 +32,7 @@ thread_local! {
 }
 
 /// A server-side TLS connection over TCP.
-pub struct ServerTls {
+pub(crate) struct ServerTls {
     tcp: TcpStream,
     conn: UnbufferedServerConnection,
     /// TLS bytes received but not yet processed (a partial record, or records that arrived
@@ -69,7 +69,7 @@ enum Send<'a> {
 
 impl ServerTls {
     /// Completes the handshake on `tcp`.
-    pub async fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result<ServerTls> {
+    pub(crate) async fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result<ServerTls> {
         let conn = UnbufferedServerConnection::new(config).map_err(io::Error::other)?;
         let mut s = ServerTls {
             tcp,

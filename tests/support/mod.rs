@@ -1,7 +1,7 @@
 //! Test support: a test CA and certificates, a gateway on ephemeral loopback ports, real
 //! backends (a tungstenite echo server, raw TCP servers, a hyper HTTP server) and real clients
 //! (tungstenite over rustls trusting the test CA, and a raw TLS client for exact bytes).
-#![allow(dead_code, missing_docs, clippy::result_large_err)]
+#![allow(dead_code, missing_docs, unreachable_pub, clippy::result_large_err)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,0 +1,548 @@
+//! From the raw file to the typed [`Config`]: each table built by its own method, each value
+//! checked and converted, every problem pushed with its line and key while the build goes on,
+//! so one run reports them all.
+
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::{Spanned, Value};
+
+use super::defaults as d;
+use super::raw::*;
+use super::units::{line_of, parse_duration, parse_size};
+use super::*;
+use crate::origin::OriginPolicy;
+
+/// Builds the typed configuration of `raw`, read from `file`, with every problem found.
+pub(super) fn build(file: &Path, text: &str, raw: Raw) -> (Config, Vec<ConfigError>) {
+    let mut cx = Cx {
+        file,
+        dir: file.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        text,
+        errors: Vec::new(),
+    };
+    let config = cx.build(raw);
+    (config, cx.errors)
+}
+
+/// Whether a duration key accepts `"0s"` as "off".
+#[derive(Clone, Copy, PartialEq)]
+enum Zero {
+    Disables,
+    Invalid,
+}
+
+struct Cx<'a> {
+    file: &'a Path,
+    dir: PathBuf,
+    text: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Cx<'_> {
+    fn build(&mut self, raw: Raw) -> Config {
+        let server = self.server(raw.server);
+        let tls = self.tls(raw.tls);
+        let limits = self.limits(raw.limits);
+        let websocket = self.websocket(raw.websocket);
+        let upstream = Upstream {
+            connect_timeout: self.duration(
+                "upstream.connect_timeout",
+                &raw.upstream.connect_timeout,
+                d::CONNECT_TIMEOUT,
+                Zero::Invalid,
+            ),
+            response_timeout: self.duration(
+                "upstream.response_timeout",
+                &raw.upstream.response_timeout,
+                d::RESPONSE_TIMEOUT,
+                Zero::Invalid,
+            ),
+        };
+        let admin = Admin {
+            listen: match &raw.admin.listen {
+                None => d::ADMIN_LISTEN.parse().ok(),
+                Some(s) if s.get_ref().trim().is_empty() => None,
+                Some(s) => self.addr("admin.listen", s),
+            },
+        };
+        let log = self.log(raw.log);
+        let routes = raw
+            .routes
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, r)| self.route(i, r))
+            .collect::<Vec<_>>();
+        for (i, a) in routes.iter().enumerate() {
+            if routes[..i]
+                .iter()
+                .any(|b| b.path == a.path && b.host == a.host)
+            {
+                self.errors.push(ConfigError {
+                    file: self.file.to_path_buf(),
+                    line: 0,
+                    key: format!("routes[{}].path", a.index),
+                    message: format!("route {} is defined twice", a.label()),
+                });
+            }
+        }
+        Config {
+            path: self.file.to_path_buf(),
+            server,
+            tls,
+            limits,
+            websocket,
+            upstream,
+            admin,
+            log,
+            routes,
+        }
+    }
+
+    fn server(&mut self, r: RawServer) -> Server {
+        let listen = match &r.listen {
+            None => d::LISTEN.iter().filter_map(|a| a.parse().ok()).collect(),
+            Some(v) => self.addrs("server.listen", v),
+        };
+        let listen_plain = match &r.listen_plain {
+            None => Vec::new(),
+            Some(v) => self.addrs("server.listen_plain", v),
+        };
+        let listed =
+            |v: &Opt<Vec<Spanned<String>>>| v.as_ref().is_some_and(|l| !l.get_ref().is_empty());
+        if r.listen.is_some() && !listed(&r.listen) && !listed(&r.listen_plain) {
+            let line = r.listen.as_ref().map_or(0, |s| self.line(s.span()));
+            self.push(
+                line,
+                "server.listen",
+                "no listener: give server.listen or server.listen_plain",
+            );
+        }
+        let max_connections = self
+            .count(
+                "server.max_connections",
+                &r.max_connections,
+                d::MAX_CONNECTIONS,
+                1,
+                u32::MAX as i64,
+            )
+            .max(1);
+        let max_request_head = self.size(
+            "server.max_request_head",
+            &r.max_request_head,
+            d::MAX_REQUEST_HEAD_BYTES,
+            256..=16 * 1024 * 1024,
+        ) as usize;
+        let workers = r.workers.as_ref().map(|w| {
+            let n = self.count("server.workers", &Some(w.clone()), 1, 1, 1024);
+            NonZeroUsize::new(n as usize).unwrap_or(NonZeroUsize::MIN)
+        });
+        Server {
+            listen,
+            listen_plain,
+            handshake_timeout: self.duration(
+                "server.handshake_timeout",
+                &r.handshake_timeout,
+                d::HANDSHAKE_TIMEOUT,
+                Zero::Invalid,
+            ),
+            max_connections: NonZeroUsize::new(max_connections as usize)
+                .unwrap_or(NonZeroUsize::MIN),
+            shutdown_grace: self.duration(
+                "server.shutdown_grace",
+                &r.shutdown_grace,
+                d::SHUTDOWN_GRACE,
+                Zero::Disables,
+            ),
+            drain_spread: self.duration(
+                "server.drain_spread",
+                &r.drain_spread,
+                d::DRAIN_SPREAD,
+                Zero::Disables,
+            ),
+            max_request_head,
+            proxy_protocol: r.proxy_protocol.unwrap_or(d::PROXY_PROTOCOL),
+            workers,
+        }
+    }
+
+    fn tls(&mut self, r: RawTls) -> Tls {
+        let cert = self.path_or("tls.cert", &r.cert, d::TLS_CERT);
+        let key = self.path_or("tls.key", &r.key, d::TLS_KEY);
+        let mut sni = Vec::new();
+        for (i, s) in r.sni.into_iter().enumerate() {
+            let s = s.into_inner();
+            let name = s.server_name.get_ref().trim().to_ascii_lowercase();
+            let base = format!("tls.sni[{i}]");
+            if name.is_empty() || name.contains(['/', ':', ' ']) {
+                let line = self.line(s.server_name.span());
+                self.push(
+                    line,
+                    &format!("{base}.server_name"),
+                    format!("\"{name}\" is not a DNS name"),
+                );
+            }
+            sni.push(SniCert {
+                server_name: name,
+                cert: self.path_or(&format!("{base}.cert"), &Some(s.cert), ""),
+                key: self.path_or(&format!("{base}.key"), &Some(s.key), ""),
+            });
+        }
+        Tls {
+            cert,
+            key,
+            sni,
+            session_tickets: r.session_tickets.unwrap_or(d::SESSION_TICKETS),
+        }
+    }
+
+    fn limits(&mut self, r: RawLimits) -> Limits {
+        Limits {
+            per_ip_rate: self.count(
+                "limits.per_ip_rate",
+                &r.per_ip_rate,
+                d::PER_IP_RATE,
+                0,
+                1_000_000,
+            ) as u32,
+            per_ip_burst: self.count(
+                "limits.per_ip_burst",
+                &r.per_ip_burst,
+                d::PER_IP_BURST,
+                1,
+                1_000_000,
+            ) as u32,
+            per_ip_max_connections: self.count(
+                "limits.per_ip_max_connections",
+                &r.per_ip_max_connections,
+                d::PER_IP_MAX_CONNECTIONS,
+                0,
+                u32::MAX as i64,
+            ) as u32,
+            ipv6_prefix: self.count(
+                "limits.ipv6_prefix",
+                &r.ipv6_prefix,
+                d::IPV6_PREFIX_BITS,
+                1,
+                128,
+            ) as u8,
+        }
+    }
+
+    fn websocket(&mut self, r: RawWebSocket) -> WebSocket {
+        WebSocket {
+            ping_interval: self.duration(
+                "websocket.ping_interval",
+                &r.ping_interval,
+                d::PING_INTERVAL,
+                Zero::Disables,
+            ),
+            pong_timeout: self.duration(
+                "websocket.pong_timeout",
+                &r.pong_timeout,
+                d::PONG_TIMEOUT,
+                Zero::Invalid,
+            ),
+            idle_timeout: self.duration(
+                "websocket.idle_timeout",
+                &r.idle_timeout,
+                d::IDLE_TIMEOUT,
+                Zero::Disables,
+            ),
+            max_frame_size: self.size(
+                "websocket.max_frame_size",
+                &r.max_frame_size,
+                d::MAX_FRAME_SIZE_BYTES,
+                1..=(i64::MAX as u64),
+            ),
+            max_lifetime: self.duration(
+                "websocket.max_lifetime",
+                &r.max_lifetime,
+                d::MAX_LIFETIME,
+                Zero::Disables,
+            ),
+        }
+    }
+
+    fn log(&mut self, r: RawLog) -> Log {
+        let format = match &r.format {
+            None => LogFormat::Text,
+            Some(f) => match f.get_ref().as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => {
+                    let line = self.line(f.span());
+                    self.push(
+                        line,
+                        "log.format",
+                        format!("\"{other}\" is not a log format; use \"text\" or \"json\""),
+                    );
+                    LogFormat::Text
+                }
+            },
+        };
+        let level = match &r.level {
+            None => d::LOG_LEVEL.to_string(),
+            Some(l) => {
+                if tracing_subscriber::EnvFilter::try_new(l.get_ref()).is_err() {
+                    let line = self.line(l.span());
+                    self.push(
+                        line,
+                        "log.level",
+                        format!("\"{}\" is not a log filter (try \"info\")", l.get_ref()),
+                    );
+                }
+                l.get_ref().clone()
+            }
+        };
+        Log { format, level }
+    }
+
+    fn route(&mut self, index: usize, r: RawRoute) -> Option<Route> {
+        let base = format!("routes[{index}]");
+        let errors_before = self.errors.len();
+        let path = r.path.get_ref().clone();
+        if !path.starts_with('/') || path.contains(['?', '#', ' ']) {
+            let line = self.line(r.path.span());
+            self.push(
+                line,
+                &format!("{base}.path"),
+                format!("\"{path}\" is not a path prefix; it must start with / and hold no query"),
+            );
+        }
+        let host = r.host.as_ref().map(|h| {
+            let v = h.get_ref().trim().to_ascii_lowercase();
+            if v.is_empty() || v.contains(['/', ' ']) {
+                let line = self.line(h.span());
+                self.push(
+                    line,
+                    &format!("{base}.host"),
+                    format!("\"{v}\" is not a host name"),
+                );
+            }
+            v
+        });
+        let mut backends = Vec::new();
+        if r.backends.get_ref().is_empty() {
+            let line = self.line(r.backends.span());
+            self.push(
+                line,
+                &format!("{base}.backends"),
+                "a route needs at least one backend",
+            );
+        }
+        for b in r.backends.get_ref() {
+            match self.backend(b.get_ref()) {
+                Ok(be) => backends.push(be),
+                Err(msg) => {
+                    let line = self.line(b.span());
+                    self.push(line, &format!("{base}.backends"), msg);
+                }
+            }
+        }
+        let mut rules = Vec::new();
+        if let Some(list) = &r.allowed_origins {
+            for o in list.get_ref() {
+                match crate::origin::OriginRule::parse(o.get_ref()) {
+                    Ok(rule) => rules.push(rule),
+                    Err(msg) => {
+                        let line = self.line(o.span());
+                        self.push(line, &format!("{base}.allowed_origins"), msg);
+                    }
+                }
+            }
+        }
+        let balance = match &r.sticky {
+            None => Balance::RoundRobin,
+            Some(s) => match s.get_ref().as_str() {
+                "ip_hash" => Balance::IpHash,
+                "" | "none" => Balance::RoundRobin,
+                other => {
+                    let line = self.line(s.span());
+                    self.push(
+                        line,
+                        &format!("{base}.sticky"),
+                        format!("\"{other}\" is not a stickiness mode; use \"ip_hash\""),
+                    );
+                    Balance::RoundRobin
+                }
+            },
+        };
+        if self.errors.len() > errors_before {
+            return None;
+        }
+        Some(Route {
+            index,
+            path,
+            host,
+            backends,
+            origins: OriginPolicy::new(
+                rules,
+                r.allow_missing_origin.unwrap_or(d::ALLOW_MISSING_ORIGIN),
+            ),
+            balance,
+        })
+    }
+
+    fn backend(&self, s: &str) -> Result<Backend, String> {
+        let s = s.trim();
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err("\"unix:\" needs a socket path".into());
+            }
+            return Ok(Backend::Unix(self.dir.join(p)));
+        }
+        let bad = || format!("\"{s}\" is not host:port or unix:/path");
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        if host.is_empty() || host.contains(['/', ' ']) {
+            return Err(bad());
+        }
+        if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+            return Err(format!("\"{s}\": write IPv6 backends as [addr]:port"));
+        }
+        match port.parse::<u16>() {
+            Ok(p) if p > 0 => Ok(Backend::Tcp(s.to_string())),
+            _ => Err(format!("\"{s}\" has no valid port")),
+        }
+    }
+
+    fn line(&self, span: Range<usize>) -> usize {
+        line_of(self.text, span.start)
+    }
+
+    fn push(&mut self, line: usize, key: &str, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.to_path_buf(),
+            line,
+            key: key.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, key: &str, v: &Opt<Value>, default: Duration, zero: Zero) -> Duration {
+        let Some(v) = v else { return default };
+        let line = self.line(v.span());
+        let parsed = match v.get_ref() {
+            Value::String(s) => parse_duration(s),
+            Value::Integer(n) => Err(format!(
+                "{n} has no unit; write a duration like \"{n}s\" or \"{n}ms\""
+            )),
+            other => Err(format!(
+                "expected a duration string like \"30s\", found {}",
+                other.type_str()
+            )),
+        };
+        match parsed {
+            Ok(d) if d.is_zero() && zero == Zero::Invalid => {
+                self.push(line, key, "must be greater than zero");
+                default
+            }
+            Ok(d) => d,
+            Err(msg) => {
+                self.push(line, key, msg);
+                default
+            }
+        }
+    }
+
+    fn size(
+        &mut self,
+        key: &str,
+        v: &Opt<Value>,
+        default: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> u64 {
+        let Some(v) = v else { return default };
+        let line = self.line(v.span());
+        let parsed = match v.get_ref() {
+            Value::Integer(n) if *n >= 0 => Ok(*n as u64),
+            Value::Integer(n) => Err(format!("{n} is negative")),
+            Value::String(s) => parse_size(s),
+            other => Err(format!(
+                "expected a size (bytes, or a string like \"64KiB\"), found {}",
+                other.type_str()
+            )),
+        };
+        match parsed {
+            Ok(n) if range.contains(&n) => n,
+            Ok(n) => {
+                self.push(
+                    line,
+                    key,
+                    format!(
+                        "{n} bytes is out of range ({} to {})",
+                        range.start(),
+                        range.end()
+                    ),
+                );
+                default
+            }
+            Err(msg) => {
+                self.push(line, key, msg);
+                default
+            }
+        }
+    }
+
+    fn count(&mut self, key: &str, v: &Opt<i64>, default: i64, min: i64, max: i64) -> i64 {
+        let Some(v) = v else { return default };
+        let n = *v.get_ref();
+        if n < min || n > max {
+            let line = self.line(v.span());
+            self.push(line, key, format!("{n} is out of range ({min} to {max})"));
+            return default;
+        }
+        n
+    }
+
+    fn addr(&mut self, key: &str, s: &Spanned<String>) -> Option<SocketAddr> {
+        match s.get_ref().trim().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                let line = self.line(s.span());
+                self.push(
+                    line,
+                    key,
+                    format!(
+                        "\"{}\" is not an address like \"0.0.0.0:443\" or \"[::]:443\"",
+                        s.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn addrs(&mut self, key: &str, v: &Spanned<Vec<Spanned<String>>>) -> Vec<SocketAddr> {
+        let mut out: Vec<SocketAddr> = Vec::new();
+        for s in v.get_ref() {
+            if let Some(a) = self.addr(key, s) {
+                if out.contains(&a) {
+                    let line = self.line(s.span());
+                    self.push(line, key, format!("{a} is listed twice"));
+                } else {
+                    out.push(a);
+                }
+            }
+        }
+        out
+    }
+
+    fn path_or(&mut self, key: &str, v: &Opt<String>, default: &str) -> Sourced<PathBuf> {
+        let (s, line) = match v {
+            Some(s) => (s.get_ref().as_str(), self.line(s.span())),
+            None => (default, 0),
+        };
+        if s.trim().is_empty() {
+            self.push(line, key, "a file path is required");
+        }
+        Sourced {
+            value: self.dir.join(s),
+            line,
+            key: key.to_string(),
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! Every configuration default in one place, units in the names. [`DOCUMENTED`] is how the
+//! README's configuration reference writes each key's default; tests check that the README
+//! lists exactly these keys with these defaults, and that writing every default out gives the
+//! same configuration as leaving the keys out.
+
+use std::time::Duration;
+
+pub(crate) const LISTEN: [&str; 2] = ["0.0.0.0:443", "[::]:443"];
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const MAX_CONNECTIONS: i64 = 50_000;
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+pub(crate) const DRAIN_SPREAD: Duration = Duration::from_secs(5);
+pub(crate) const MAX_REQUEST_HEAD_BYTES: u64 = 32 * 1024;
+pub(crate) const PROXY_PROTOCOL: bool = false;
+
+pub(crate) const TLS_CERT: &str = "certs/localhost.pem";
+pub(crate) const TLS_KEY: &str = "certs/localhost-key.pem";
+pub(crate) const SESSION_TICKETS: bool = true;
+
+pub(crate) const PER_IP_RATE: i64 = 20;
+pub(crate) const PER_IP_BURST: i64 = 40;
+pub(crate) const PER_IP_MAX_CONNECTIONS: i64 = 256;
+pub(crate) const IPV6_PREFIX_BITS: i64 = 64;
+
+pub(crate) const PING_INTERVAL: Duration = Duration::from_secs(30);
+pub(crate) const PONG_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+pub(crate) const MAX_FRAME_SIZE_BYTES: u64 = 16 * 1024 * 1024;
+pub(crate) const MAX_LIFETIME: Duration = Duration::ZERO;
+
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub(crate) const ADMIN_LISTEN: &str = "127.0.0.1:9090";
+pub(crate) const LOG_LEVEL: &str = "info";
+
+pub(crate) const ALLOW_MISSING_ORIGIN: bool = false;
+
+/// Each key (dotted; `routes.` for keys of a `[[routes]]` entry) with its default as the
+/// README writes it: a TOML value, or words where there is no literal default.
+#[cfg(test)]
+pub(crate) const DOCUMENTED: &[(&str, &str)] = &[
+    ("server.listen", r#"["0.0.0.0:443", "[::]:443"]"#),
+    ("server.listen_plain", "[]"),
+    ("server.handshake_timeout", r#""10s""#),
+    ("server.max_connections", "50000"),
+    ("server.shutdown_grace", r#""30s""#),
+    ("server.drain_spread", r#""5s""#),
+    ("server.max_request_head", r#""32KiB""#),
+    ("server.proxy_protocol", "false"),
+    ("server.workers", "one per core"),
+    ("tls.cert", r#""certs/localhost.pem""#),
+    ("tls.key", r#""certs/localhost-key.pem""#),
+    ("tls.session_tickets", "true"),
+    ("tls.sni", "none"),
+    ("limits.per_ip_rate", "20"),
+    ("limits.per_ip_burst", "40"),
+    ("limits.per_ip_max_connections", "256"),
+    ("limits.ipv6_prefix", "64"),
+    ("websocket.ping_interval", r#""30s""#),
+    ("websocket.pong_timeout", r#""10s""#),
+    ("websocket.idle_timeout", r#""10m""#),
+    ("websocket.max_frame_size", r#""16MiB""#),
+    ("websocket.max_lifetime", r#""0s""#),
+    ("upstream.connect_timeout", r#""5s""#),
+    ("upstream.response_timeout", r#""60s""#),
+    ("admin.listen", r#""127.0.0.1:9090""#),
+    ("log.format", r#""text""#),
+    ("log.level", r#""info""#),
+    ("routes.path", "required"),
+    ("routes.host", "any"),
+    ("routes.backends", "required"),
+    ("routes.allowed_origins", "[]"),
+    ("routes.allow_missing_origin", "false"),
+    ("routes.sticky", "none"),
+];

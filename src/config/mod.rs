@@ -1,0 +1,325 @@
+//! The TOML configuration file, by stage: [`raw`] serde structs that keep source spans,
+//! [`build`] turning them into the typed [`Config`] of durations, sizes, addresses and origin
+//! rules, [`units`] for the duration and size syntax, and [`defaults`] holding every default.
+//! Every problem is reported as a [`ConfigError`] naming the file, the line and the key.
+
+mod build;
+pub(crate) mod defaults;
+mod raw;
+mod units;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::origin::OriginPolicy;
+
+/// Where wsgate looks for its configuration when `--config` is not given.
+pub const DEFAULT_PATH: &str = "/etc/wsgate/wsgate.toml";
+
+/// One problem found in the configuration, with its place in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The configuration file.
+    pub file: PathBuf,
+    /// 1-based line number, 0 when the problem is not tied to a line.
+    pub line: usize,
+    /// Dotted key the problem is about (`websocket.ping_interval`), may be empty.
+    pub key: String,
+    /// What is wrong, in words an operator can act on.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if self.line > 0 {
+            write!(f, ":{}", self.line)?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": {}", self.key)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Every problem found while loading a configuration.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// A value together with the place in the file it came from, for errors found after parsing
+/// (a certificate that does not load, say).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Sourced<T> {
+    /// The value.
+    pub(crate) value: T,
+    /// 1-based line of the key in the configuration file (0 for a default).
+    pub(crate) line: usize,
+    /// Dotted key name.
+    pub(crate) key: String,
+}
+
+/// The whole typed configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this was read from; relative paths inside it were resolved against its folder.
+    pub(crate) path: PathBuf,
+    /// `[server]`.
+    pub(crate) server: Server,
+    /// `[tls]`.
+    pub(crate) tls: Tls,
+    /// `[limits]`.
+    pub(crate) limits: Limits,
+    /// `[websocket]`.
+    pub(crate) websocket: WebSocket,
+    /// `[upstream]`.
+    pub(crate) upstream: Upstream,
+    /// `[admin]`.
+    pub(crate) admin: Admin,
+    /// `[log]`.
+    pub(crate) log: Log,
+    /// `[[routes]]`, in file order.
+    pub(crate) routes: Vec<Route>,
+}
+
+/// `[server]`: listeners and connection-level bounds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Server {
+    /// TLS listeners (wss, https).
+    pub(crate) listen: Vec<SocketAddr>,
+    /// Cleartext listeners (ws, http).
+    pub(crate) listen_plain: Vec<SocketAddr>,
+    /// Accept to complete request head (TLS and PROXY header included).
+    pub(crate) handshake_timeout: Duration,
+    /// Cap on concurrent client connections; above it clients get 503.
+    pub(crate) max_connections: NonZeroUsize,
+    /// How long tunnels may run on after SIGTERM.
+    pub(crate) shutdown_grace: Duration,
+    /// Window over which drain Close frames are spread (cut to the grace).
+    pub(crate) drain_spread: Duration,
+    /// Largest request head (request line and header lines) accepted.
+    pub(crate) max_request_head: usize,
+    /// Expect a PROXY protocol v1/v2 header on every listener.
+    pub(crate) proxy_protocol: bool,
+    /// Runtime worker threads; `None` means one per core.
+    pub(crate) workers: Option<NonZeroUsize>,
+}
+
+/// `[tls]`: the default certificate and the SNI ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Tls {
+    /// Default PEM chain.
+    pub(crate) cert: Sourced<PathBuf>,
+    /// Default PEM key.
+    pub(crate) key: Sourced<PathBuf>,
+    /// Further certificates picked by SNI.
+    pub(crate) sni: Vec<SniCert>,
+    /// Whether clients get session tickets to resume with a cheaper handshake.
+    pub(crate) session_tickets: bool,
+}
+
+/// One `[[tls.sni]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SniCert {
+    /// Lower-case server name, possibly `*.example.com`.
+    pub(crate) server_name: String,
+    /// PEM chain.
+    pub(crate) cert: Sourced<PathBuf>,
+    /// PEM key.
+    pub(crate) key: Sourced<PathBuf>,
+}
+
+/// `[limits]`: per-address admission.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Limits {
+    /// New connections per second per address, sustained; 0 disables the rate limit.
+    pub(crate) per_ip_rate: u32,
+    /// Burst allowance on top of the rate.
+    pub(crate) per_ip_burst: u32,
+    /// Concurrent connections per address; 0 disables the cap.
+    pub(crate) per_ip_max_connections: u32,
+    /// IPv6 clients are keyed by this many leading bits.
+    pub(crate) ipv6_prefix: u8,
+}
+
+/// `[websocket]`: keepalive, timeouts and frame bounds of established tunnels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct WebSocket {
+    /// Gateway ping period; zero disables gateway pings.
+    pub(crate) ping_interval: Duration,
+    /// Time allowed for the pong to a gateway ping.
+    pub(crate) pong_timeout: Duration,
+    /// No data frame either way for this long closes the tunnel; zero disables.
+    pub(crate) idle_timeout: Duration,
+    /// Largest payload a client frame may declare.
+    pub(crate) max_frame_size: u64,
+    /// Tunnels older than this are closed; zero disables.
+    pub(crate) max_lifetime: Duration,
+}
+
+/// `[upstream]`: backend connection timeouts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Upstream {
+    /// Per backend connect attempt.
+    pub(crate) connect_timeout: Duration,
+    /// Request sent to response head received.
+    pub(crate) response_timeout: Duration,
+}
+
+/// `[admin]`: the metrics and health listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Admin {
+    /// Where to serve `/metrics`, `/healthz`, `/readyz`; `None` disables it.
+    pub(crate) listen: Option<SocketAddr>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Log {
+    /// Output format.
+    pub(crate) format: LogFormat,
+    /// Default filter directive (`info`, `wsgate=debug`); `RUST_LOG` overrides it.
+    pub(crate) level: String,
+}
+
+/// One backend address of a route.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum Backend {
+    /// `host:port`, resolved at connect time.
+    Tcp(String),
+    /// `unix:/path` socket.
+    Unix(PathBuf),
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Backend::Tcp(a) => f.write_str(a),
+            Backend::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// How a route spreads clients over its backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Balance {
+    /// Each connection or request takes the next backend.
+    RoundRobin,
+    /// A hash of the client address picks the backend, so a client keeps its backend.
+    IpHash,
+}
+
+/// One `[[routes]]` entry.
+#[derive(Debug, Clone)]
+pub(crate) struct Route {
+    /// Index in the file, used as a stable label.
+    pub(crate) index: usize,
+    /// Path prefix matched on whole segments.
+    pub(crate) path: String,
+    /// Lower-case host without port, when the route is bound to one.
+    pub(crate) host: Option<String>,
+    /// Backends in the order given.
+    pub(crate) backends: Vec<Backend>,
+    /// Origin allowlist and the missing-Origin rule.
+    pub(crate) origins: OriginPolicy,
+    /// Backend choice.
+    pub(crate) balance: Balance,
+}
+
+impl Route {
+    /// A short label for logs and metrics: `host/path` or `path`.
+    pub(crate) fn label(&self) -> String {
+        match &self.host {
+            Some(h) => format!("{h}{}", self.path),
+            None => self.path.clone(),
+        }
+    }
+}
+
+impl Config {
+    /// The log output format (`[log] format`).
+    pub fn log_format(&self) -> LogFormat {
+        self.log.format
+    }
+
+    /// The default log filter (`[log] level`; `RUST_LOG` overrides it).
+    pub fn log_level(&self) -> &str {
+        &self.log.level
+    }
+
+    /// Runtime worker threads (`[server] workers`); `None` means one per core.
+    pub fn workers(&self) -> Option<usize> {
+        self.server.workers.map(|n| n.get())
+    }
+
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: path.to_path_buf(),
+                line: 0,
+                key: String::new(),
+                message: format!("cannot read the configuration file: {e}"),
+            }])
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates `text` as if read from `path` (relative paths resolve against its folder).
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+        match Config::parse_all(path, text) {
+            (Some(c), e) if e.is_empty() => Ok(c),
+            (_, e) => Err(ConfigErrors(e)),
+        }
+    }
+
+    /// Like [`Config::parse`], but also returns the configuration built despite semantic
+    /// errors (with defaults in their place), so that later checks can report theirs too.
+    pub fn parse_all(path: &Path, text: &str) -> (Option<Config>, Vec<ConfigError>) {
+        let raw: raw::Raw = match toml::from_str(text) {
+            Ok(r) => r,
+            Err(e) => {
+                let span = e.span().unwrap_or(0..0);
+                let err = ConfigError {
+                    file: path.to_path_buf(),
+                    line: units::line_of(text, span.start),
+                    key: units::key_at(text, span.start),
+                    message: e.message().trim().to_string(),
+                };
+                return (None, vec![err]);
+            }
+        };
+        let (config, mut errors) = build::build(path, text, raw);
+        // Report in file order; problems not tied to a line come last.
+        errors.sort_by_key(|e| (e.line == 0, e.line));
+        (Some(config), errors)
+    }
+}
+
+#[cfg(test)]
+mod tests;

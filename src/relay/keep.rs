@@ -1,0 +1,73 @@
+//! Keepalive and timeout bookkeeping of a tunnel: when the next gateway ping is due, the token
+//! its pong must carry, the pong deadline, the last data activity and the lifetime's end.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::Settings;
+
+/// Payload of gateway pings: a marker, part of the tunnel id, and a sequence number.
+pub(super) const TOKEN_LEN: usize = 8;
+
+pub(super) struct Keep {
+    pub(super) ping_interval: Duration,
+    pub(super) pong_timeout: Duration,
+    pub(super) idle_timeout: Duration,
+    pub(super) lifetime_end: Option<Instant>,
+    /// The last data frame either way.
+    pub(super) last_activity: Instant,
+    /// When the next ping is due; `None` with pings off.
+    pub(super) next_ping: Option<Instant>,
+    /// Set while a ping awaits its pong.
+    pub(super) pong_deadline: Option<Instant>,
+    token: [u8; TOKEN_LEN],
+    /// The token before the latest one: a late pong to it is still the gateway's to consume.
+    prev_token: Option<[u8; TOKEN_LEN]>,
+    seq: u32,
+    pub(super) pings_sent: u64,
+    pub(super) pongs: u64,
+    /// The wake-up the sleep is currently armed for.
+    pub(super) armed: Instant,
+}
+
+impl Keep {
+    pub(super) fn new(s: &Settings, now: Instant, id: u64) -> Self {
+        let mut token = [b'w', b'g', 0, 0, 0, 0, 0, 0];
+        token[2..4].copy_from_slice(&(id as u16).to_be_bytes());
+        Keep {
+            ping_interval: s.ping_interval,
+            pong_timeout: s.pong_timeout,
+            idle_timeout: s.idle_timeout,
+            lifetime_end: (!s.max_lifetime.is_zero()).then(|| now + s.max_lifetime),
+            last_activity: now,
+            next_ping: (!s.ping_interval.is_zero()).then(|| now + s.ping_interval),
+            pong_deadline: None,
+            token,
+            prev_token: None,
+            seq: 0,
+            pings_sent: 0,
+            pongs: 0,
+            armed: now,
+        }
+    }
+
+    /// The tokens a client pong may carry, when a gateway ping awaits its pong.
+    pub(super) fn expected(&self) -> Option<([u8; TOKEN_LEN], Option<[u8; TOKEN_LEN]>)> {
+        (self.pings_sent > 0).then_some((self.token, self.prev_token))
+    }
+
+    /// The payload of the next ping; counts it as sent.
+    pub(super) fn next_token(&mut self) -> [u8; TOKEN_LEN] {
+        self.prev_token = (self.pings_sent > 0).then_some(self.token);
+        self.seq = self.seq.wrapping_add(1);
+        self.token[4..8].copy_from_slice(&self.seq.to_be_bytes());
+        self.pings_sent += 1;
+        self.token
+    }
+
+    /// For the fuzz target: as if a ping had gone out, so candidate pongs are examined.
+    pub(super) fn pretend_ping_sent(&mut self) {
+        self.next_token();
+    }
+}

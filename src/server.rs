@@ -1,0 +1,387 @@
+//! The process's state and lifecycle: the configuration snapshot ([`Runtime`]) every new
+//! connection takes and a reload swaps whole, the state shared by every task for the process's
+//! life ([`Shared`]), the [`Gateway`] that binds and runs, and the [`Handle`] that reloads
+//! (bind, then store, then start: no listener ever serves with a configuration not its own)
+//! and drains.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, ConfigErrors};
+use crate::conn::ListenerKind;
+use crate::listener::{BindError, ListenKey, Listeners};
+use crate::route::RouteTable;
+use crate::upstream::pool::Pool;
+use crate::{admin, limits, metrics, relay, shutdown, tls};
+
+/// Everything a new connection needs from the configuration; swapped whole on reload, while
+/// established connections and tunnels keep the snapshot they started with.
+pub(crate) struct Runtime {
+    pub(crate) config: Config,
+    /// Routes with their balancing state.
+    pub(crate) routes: RouteTable,
+    /// TLS server configuration; `None` exactly when there are no TLS listeners.
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
+    /// Tunnel settings.
+    pub(crate) ws: relay::Settings,
+}
+
+impl Runtime {
+    /// Builds a runtime, loading certificates; errors cite the configuration.
+    pub(crate) fn build(config: Config) -> Result<Runtime, ConfigErrors> {
+        let tls = if config.server.listen.is_empty() {
+            None
+        } else {
+            Some(tls::server_config(&config.tls, &config.path).map_err(ConfigErrors)?)
+        };
+        Ok(Runtime {
+            routes: RouteTable::new(&config.routes),
+            ws: relay::Settings::from(&config.websocket),
+            tls,
+            config,
+        })
+    }
+
+    fn listen_keys(&self) -> Vec<ListenKey> {
+        let s = &self.config.server;
+        s.listen
+            .iter()
+            .map(|a| (*a, ListenerKind::Tls))
+            .chain(s.listen_plain.iter().map(|a| (*a, ListenerKind::Plain)))
+            .collect()
+    }
+}
+
+/// State shared by every task for the life of the process.
+pub(crate) struct Shared {
+    /// The current configuration snapshot.
+    pub(crate) runtime: ArcSwap<Runtime>,
+    pub(crate) metrics: metrics::Metrics,
+    pub(crate) drain: shutdown::Drain,
+    /// Admission control; its per-address state survives reloads.
+    pub(crate) admission: Arc<limits::Admission>,
+    /// Keep-alive connections to backends for plain HTTP.
+    pub(crate) pool: Arc<Pool>,
+    /// Every connection task, awaited when draining.
+    pub(crate) tasks: TaskTracker,
+    pub(crate) listeners: Listeners,
+    pub(crate) stats: Stats,
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    /// A fresh connection number.
+    pub(crate) fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Live counts of connections and tunnels, with a channel that ticks on every change, so
+/// tests and the drain can await a state instead of polling for it.
+pub(crate) struct Stats {
+    connections: AtomicUsize,
+    tunnels: AtomicUsize,
+    changed: watch::Sender<u64>,
+}
+
+impl Stats {
+    fn new() -> Stats {
+        Stats {
+            connections: AtomicUsize::new(0),
+            tunnels: AtomicUsize::new(0),
+            changed: watch::Sender::new(0),
+        }
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    pub(crate) fn connection_opened(&self) {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        self.bump();
+    }
+
+    pub(crate) fn connection_closed(&self) {
+        self.connections.fetch_sub(1, Ordering::Relaxed);
+        self.bump();
+    }
+
+    pub(crate) fn tunnel_opened(&self) {
+        self.tunnels.fetch_add(1, Ordering::Relaxed);
+        self.bump();
+    }
+
+    pub(crate) fn tunnel_closed(&self) {
+        self.tunnels.fetch_sub(1, Ordering::Relaxed);
+        self.bump();
+    }
+
+    fn snapshot(&self) -> Activity {
+        Activity {
+            connections: self.connections.load(Ordering::Relaxed),
+            tunnels: self.tunnels.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What the gateway is serving right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Activity {
+    /// Client connections open (tunnels included).
+    pub connections: usize,
+    /// WebSocket tunnels open.
+    pub tunnels: usize,
+}
+
+/// A bound gateway, ready to run.
+pub struct Gateway {
+    shared: Arc<Shared>,
+    admin: Option<SocketAddr>,
+}
+
+/// A handle to reload or drain a running gateway, and to watch what it serves.
+#[derive(Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+}
+
+/// Why the gateway could not start.
+#[derive(Debug)]
+pub enum StartError {
+    /// The configuration or certificates are invalid.
+    Config(ConfigErrors),
+    /// A listener could not be bound.
+    Bind(SocketAddr, std::io::Error),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Config(e) => write!(f, "{e}"),
+            StartError::Bind(a, e) => write!(f, "cannot listen on {a}: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// Why a reload was refused (the previous configuration stays in force).
+#[derive(Debug)]
+pub enum ReloadError {
+    /// The file, or a certificate it names, is invalid.
+    Config(ConfigErrors),
+    /// A listener the new configuration adds could not be bound.
+    Bind(SocketAddr, std::io::Error),
+}
+
+impl std::fmt::Display for ReloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReloadError::Config(e) => write!(f, "{e}"),
+            ReloadError::Bind(a, e) => write!(f, "cannot listen on {a}: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ReloadError {}
+
+impl Gateway {
+    /// Loads certificates and binds every listener (their accept loops start here too).
+    pub async fn bind(config: Config) -> Result<Gateway, StartError> {
+        let runtime = Runtime::build(config).map_err(StartError::Config)?;
+        let cfg = &runtime.config;
+        let admission = limits::Admission::new(&cfg.limits, cfg.server.max_connections.get());
+        let admin_addr = cfg.admin.listen;
+        let wanted = runtime.listen_keys();
+        let shared = Arc::new(Shared {
+            admission,
+            metrics: metrics::Metrics::new(),
+            drain: shutdown::Drain::new(),
+            pool: Arc::new(Pool::default()),
+            tasks: TaskTracker::new(),
+            listeners: Listeners::default(),
+            stats: Stats::new(),
+            next_id: AtomicU64::new(1),
+            runtime: ArcSwap::from_pointee(runtime),
+        });
+        let bound = shared
+            .listeners
+            .bind_missing(&wanted)
+            .map_err(|BindError { addr, error }| StartError::Bind(addr, error))?;
+        shared.listeners.start(&shared, bound, &wanted);
+        let admin = match admin_addr {
+            Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => {
+                    let local = l.local_addr().ok();
+                    if let Some(a) = local {
+                        tracing::info!(addr = %a, "admin listening");
+                    }
+                    tokio::spawn(admin::serve(l, shared.clone(), CancellationToken::new()));
+                    local
+                }
+                Err(e) => {
+                    tracing::error!(addr = %addr, error = %e, "admin listener not started");
+                    None
+                }
+            },
+            None => None,
+        };
+        tokio::spawn(limits_pruner(shared.clone()));
+        Ok(Gateway { shared, admin })
+    }
+
+    /// The bound addresses: (address, is TLS).
+    pub fn local_addrs(&self) -> Vec<(SocketAddr, bool)> {
+        self.shared.listeners.local_addrs()
+    }
+
+    /// The admin listener's address, when it runs.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+    }
+
+    /// A handle for reloads and draining.
+    pub fn handle(&self) -> Handle {
+        Handle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Serves until `shutdown` resolves (or a handle drains), then drains and returns when
+    /// every connection has ended.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let shared = self.shared;
+        tokio::select! {
+            _ = shutdown => {}
+            _ = shared.drain.started() => {}
+        }
+        let cfg = &shared.runtime.load().config.server;
+        let (grace, spread) = (cfg.shutdown_grace, cfg.drain_spread);
+        Handle {
+            shared: shared.clone(),
+        }
+        .drain(grace, spread);
+        shared.tasks.close();
+        let limit = grace + Duration::from_secs(5);
+        if tokio::time::timeout(limit, shared.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = shared.tasks.len(),
+                "connections still open after the grace period"
+            );
+        }
+        tracing::info!("drained");
+    }
+}
+
+impl Handle {
+    /// Re-reads the configuration file and certificates and applies them to new connections:
+    /// new listeners are bound first (a failure changes nothing), then the new snapshot is
+    /// stored, then the new accept loops start and removed listeners close.
+    pub async fn reload(&self) -> Result<(), ReloadError> {
+        let path = self.shared.runtime.load().config.path.clone();
+        let result = self.apply(&path);
+        let m = &self.shared.metrics;
+        match &result {
+            Ok(()) => {
+                m.reloads
+                    .get_or_create(&metrics::ResultLabel { result: "ok" })
+                    .inc();
+                m.config_ok.set(1);
+                tracing::info!(config = %path.display(), "configuration reloaded");
+            }
+            Err(e) => {
+                m.reloads
+                    .get_or_create(&metrics::ResultLabel { result: "failed" })
+                    .inc();
+                m.config_ok.set(0);
+                match e {
+                    ReloadError::Config(errors) => {
+                        for line in &errors.0 {
+                            tracing::error!(error = %line, "reload failed: configuration error; keeping the previous configuration");
+                        }
+                    }
+                    ReloadError::Bind(addr, error) => {
+                        tracing::error!(addr = %addr, error = %error, "reload failed: cannot bind; keeping the previous configuration");
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    fn apply(&self, path: &std::path::Path) -> Result<(), ReloadError> {
+        let config = Config::load(path).map_err(ReloadError::Config)?;
+        let runtime = Runtime::build(config).map_err(ReloadError::Config)?;
+        let wanted = runtime.listen_keys();
+        let bound = self
+            .shared
+            .listeners
+            .bind_missing(&wanted)
+            .map_err(|BindError { addr, error }| ReloadError::Bind(addr, error))?;
+        let cfg = &runtime.config;
+        self.shared
+            .admission
+            .update(&cfg.limits, cfg.server.max_connections.get());
+        let backends: HashSet<_> = cfg.routes.iter().flat_map(|r| r.backends.iter()).collect();
+        self.shared.pool.retain(&backends);
+        drop(backends);
+        self.shared.runtime.store(Arc::new(runtime));
+        self.shared.listeners.start(&self.shared, bound, &wanted);
+        Ok(())
+    }
+
+    /// Starts draining: listeners close, tunnels get Close frames spread over the end of `grace`.
+    pub fn drain(&self, grace: Duration, spread: Duration) {
+        if self.shared.drain.begin(grace, spread) {
+            tracing::info!(grace_ms = grace.as_millis() as u64, "draining");
+            self.shared.listeners.close_all();
+        }
+    }
+
+    /// Drains with the configured grace and spread.
+    pub fn drain_configured(&self) {
+        let s = &self.shared.runtime.load().config.server;
+        self.drain(s.shutdown_grace, s.drain_spread);
+    }
+
+    /// What the gateway serves right now.
+    pub fn activity(&self) -> Activity {
+        self.shared.stats.snapshot()
+    }
+
+    /// Resolves once `pred` holds for the gateway's activity (checked at every change).
+    pub async fn wait_until(&self, pred: impl Fn(Activity) -> bool) {
+        let mut rx = self.shared.stats.changed.subscribe();
+        loop {
+            if pred(self.activity()) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+async fn limits_pruner(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => { shared.admission.prune(); }
+            _ = shared.drain.started() => return,
+        }
+    }
+}
