@@ -38,24 +38,20 @@ async fn rate_limit_refuses_after_the_burst_before_tls_and_admits_after_refill()
         held.push(gate.tls(None).await);
         let _ = i;
     }
-    let refused = tls_connect(gate.tls_addr, gate.pki.client_config(), "localhost").await;
+    // The fourth connection inside the burst window is closed before TLS: the gateway sends
+    // not a byte (no ServerHello, no alert), even to a client that sent nothing yet.
+    let mut refused = tokio::net::TcpStream::connect(gate.tls_addr).await.unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(3), refused.read_to_end(&mut got)).await;
     assert!(
-        refused.is_err(),
-        "fourth connection inside the burst window is closed before TLS"
+        read.is_ok(),
+        "closed at once, not left waiting for a handshake"
     );
-    // One token comes back every 250 ms.
-    let started = Instant::now();
-    let admitted = loop {
-        if let Ok(s) = tls_connect(gate.tls_addr, gate.pki.client_config(), "localhost").await {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(3),
-            "never admitted again"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    drop(admitted);
+    assert!(got.is_empty(), "the gateway sent {got:?}");
+    // One token comes back every 250 ms: waiting that long is the point here.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let admitted = tls_connect(gate.tls_addr, gate.pki.client_config(), "localhost").await;
+    assert!(admitted.is_ok(), "admitted again once a token came back");
     let m = gate.metrics().await;
     assert!(
         m.contains("wsgate_handshake_rejections_total{reason=\"rate_limit\"}"),
@@ -78,17 +74,15 @@ async fn per_address_cap_counts_open_connections() {
         "third concurrent connection refused"
     );
     drop(a);
-    let started = Instant::now();
-    loop {
-        if gate.ws("/chat", &[]).await.is_ok() {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(3),
-            "slot never freed"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        gate.handle.wait_until(|a| a.connections == 1),
+    )
+    .await
+    .expect("the closed connection gives its slot back");
+    gate.ws("/chat", &[])
+        .await
+        .expect("the freed slot admits a new connection");
     let m = gate.metrics().await;
     assert!(
         m.contains("wsgate_handshake_rejections_total{reason=\"per_ip_cap\"}"),
@@ -187,6 +181,18 @@ async fn proxy_protocol_address_is_used_and_garbage_is_closed_at_once() {
     };
     assert_eq!(h["x-forwarded-for"], "203.0.113.9");
     assert_eq!(h["x-forwarded-proto"], "http");
+
+    // A TCP4 line carrying IPv6 addresses is as invalid as any other malformed header.
+    let mut v6 = tokio::net::TcpStream::connect(plain).await.unwrap();
+    let mut bytes = b"PROXY TCP4 2001:db8::9 2001:db8::1 40000 80\r\n".to_vec();
+    bytes.extend_from_slice(upgrade_request("/chat", "").as_bytes());
+    v6.write_all(&bytes).await.unwrap();
+    assert_eq!(read_all(&mut v6).await, "", "refused without an answer");
+    let m = gate.metrics().await;
+    assert!(
+        m.contains("wsgate_handshake_rejections_total{reason=\"proxy_protocol\"} 1"),
+        "{m}"
+    );
 
     let started = Instant::now();
     let mut g = tokio::net::TcpStream::connect(plain).await.unwrap();

@@ -150,32 +150,40 @@ async fn rejections_get_their_statuses_and_never_reach_the_backend() {
         (
             upgrade_request("/chat", "").replace("Version: 13", "Version: 8"),
             426,
-            "",
+            "unsupported WebSocket version",
         ),
-        (upgrade_request("/chat", "").replace("GET", "POST"), 405, ""),
-        (upgrade_request("/nowhere", ""), 404, ""),
-        (upgrade_request("/chatroom", ""), 404, ""),
+        (
+            upgrade_request("/chat", "").replace("GET", "POST"),
+            405,
+            "requires GET",
+        ),
+        (upgrade_request("/nowhere", ""), 404, "no route"),
+        (upgrade_request("/chatroom", ""), 404, "no route"),
         (upgrade_request("/strict", ""), 403, "Origin"),
         (
             upgrade_request("/strict", "Origin: https://example.com\r\n"),
             403,
-            "",
+            "Origin",
         ),
         (
             upgrade_request("/strict", "Origin: https://example.com.attacker.net\r\n"),
             403,
-            "",
+            "Origin",
         ),
-        (upgrade_request("/strict", "Origin: null\r\n"), 403, ""),
+        (
+            upgrade_request("/strict", "Origin: null\r\n"),
+            403,
+            "Origin",
+        ),
         (
             upgrade_request("/chat", "Origin: https://evil.example\r\n"),
             403,
-            "",
+            "Origin",
         ),
         (
             upgrade_request("/chat", &format!("X-Big: {}\r\n", "a".repeat(40_000))),
             431,
-            "",
+            "too large",
         ),
     ];
     for (req, status, body) in cases {
@@ -386,19 +394,30 @@ async fn a_thousand_concurrent_tunnels_echo_without_loss() {
         let gate = gate.clone();
         tasks.push(tokio::spawn(async move {
             let (mut ws, _) = gate.ws("/chat", &[]).await.unwrap();
+            let mut echoed = 0;
             for j in 0..5u32 {
                 let msg = format!("{i}:{j}");
                 ws.send(Message::text(msg.clone())).await.unwrap();
-                assert_eq!(next_data(&mut ws).await.into_text().unwrap().as_str(), msg);
+                if next_data(&mut ws).await.into_text().unwrap().as_str() == msg {
+                    echoed += 1;
+                }
             }
-            ws
+            (ws, echoed)
         }));
     }
     let mut open = Vec::new();
+    let mut echoed = 0;
     for t in tasks {
-        open.push(t.await.unwrap());
+        let (ws, n) = t.await.unwrap();
+        echoed += n;
+        open.push(ws);
     }
-    assert_eq!(open.len(), 1000);
+    assert_eq!(echoed, 5000, "every message of every tunnel came back");
+    assert_eq!(
+        gate.handle.activity().tunnels,
+        1000,
+        "all of them open at once"
+    );
 }
 
 #[tokio::test]

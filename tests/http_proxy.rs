@@ -210,3 +210,118 @@ async fn plain_request_to_a_dead_backend_gets_502_and_unknown_path_404() {
         .await;
     assert_eq!(status_of(&resp), 400, "{resp}");
 }
+
+/// Reads one HTTP/1.1 response with a Content-Length body off `s`; `None` when the
+/// connection closed first.
+async fn one_response<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut Vec<u8>,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end + 4]).to_string();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string();
+                buf.drain(..end + 4 + len);
+                return Some(head + &body);
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return None,
+        }
+    }
+}
+
+/// A GET whose head is exactly `len` bytes long (request line, headers, blank line).
+fn get_of_length(path: &str, len: usize) -> String {
+    let base = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nX-Pad: \r\n\r\n");
+    let pad = "p".repeat(len - base.len());
+    format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nX-Pad: {pad}\r\n\r\n")
+}
+
+#[tokio::test]
+async fn later_requests_on_a_keep_alive_connection_meet_the_same_limits_as_the_first() {
+    use tokio::io::AsyncWriteExt;
+    let (addr, _events, _) = http_backend().await;
+    let settings = BASE.replace("[server]\n", "[server]\nmax_request_head = \"1KiB\"\n");
+    let gate = Gate::start(&settings, &route("/app", addr, "")).await;
+    for first in [true, false] {
+        // At the limit: served; one byte over: 431, whether it is the first request or not.
+        for (len, status) in [(1024, 200), (1025, 431)] {
+            let mut s = gate.tls(None).await;
+            let mut buf = Vec::new();
+            if !first {
+                s.write_all(get_of_length("/app/warm-up", 200).as_bytes())
+                    .await
+                    .unwrap();
+                let warm = one_response(&mut s, &mut buf).await.expect("first answer");
+                assert_eq!(status_of(&warm), 200, "{warm}");
+            }
+            s.write_all(get_of_length("/app/x", len).as_bytes())
+                .await
+                .unwrap();
+            let resp = one_response(&mut s, &mut buf).await.expect("an answer");
+            assert_eq!(status_of(&resp), status, "first={first} len={len}: {resp}");
+        }
+        let mut s = gate.tls(None).await;
+        let mut buf = Vec::new();
+        if !first {
+            s.write_all(get_of_length("/app/warm-up", 200).as_bytes())
+                .await
+                .unwrap();
+            one_response(&mut s, &mut buf).await.expect("first answer");
+        }
+        s.write_all(b"GET /app/%2e%2e/secret HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let resp = one_response(&mut s, &mut buf).await.expect("an answer");
+        assert_eq!(status_of(&resp), 400, "first={first}: {resp}");
+        assert!(resp.contains("dot segments"), "{resp}");
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_chunked_body_is_the_clients_fault() {
+    let (addr, _events, _) = http_backend().await;
+    let gate = Gate::start(BASE, &route("/app", addr, "")).await;
+    let rejections = |m: &str, reason: &str| {
+        m.lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "wsgate_handshake_rejections_total{{reason=\"{reason}\"}}"
+                ))
+            })
+            .map_or(0, |l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+    };
+    let before = gate.metrics().await;
+    let resp = gate
+        .raw(
+            b"POST /app/upload HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n\
+              ffffffffffffffffffffff\r\nabc\r\n0\r\n\r\n",
+        )
+        .await;
+    assert_eq!(status_of(&resp), 400, "{resp}");
+    assert!(resp.contains("chunk size"), "{resp}");
+    let after = gate.metrics().await;
+    assert_eq!(
+        rejections(&after, "bad_request"),
+        rejections(&before, "bad_request") + 1,
+        "{after}"
+    );
+    assert_eq!(
+        rejections(&after, "backend_error"),
+        rejections(&before, "backend_error"),
+        "{after}"
+    );
+}

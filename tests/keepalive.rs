@@ -44,7 +44,11 @@ async fn silent_client_is_closed_after_ping_and_pong_timeout_and_backend_gets_10
         .expect("backend told with a Close frame");
     assert_eq!(u16::from(c.code), 1001);
     assert_eq!(c.reason.as_str(), "ping timeout");
-    wait_metric(&gate, "wsgate_ping_timeouts_total 1").await;
+    let m = metrics_when_no_tunnel_is_open(&gate).await;
+    assert!(
+        m.lines().any(|l| l == "wsgate_ping_timeouts_total 1"),
+        "{m}"
+    );
 }
 
 #[tokio::test]
@@ -205,4 +209,29 @@ async fn tunnel_older_than_max_lifetime_is_closed() {
         ),
         other => panic!("expected close, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn the_gateways_close_frames_to_backends_carry_random_mask_keys() {
+    let (addr, mut frames) = raw_ws_backend().await;
+    let gate = Gate::start(
+        &ws_settings("ping_interval = \"0s\"\nidle_timeout = \"200ms\""),
+        &route("/chat", addr, ""),
+    )
+    .await;
+    // Tunnels that relay nothing and idle out: the case where a counter-derived key was zero.
+    let mut keys = Vec::new();
+    for _ in 0..2 {
+        let (mut ws, _) = gate.ws("/chat", &[]).await.unwrap();
+        let f = tokio::time::timeout(Duration::from_secs(5), frames.recv())
+            .await
+            .expect("the backend gets the gateway's close")
+            .unwrap();
+        assert_eq!(f.opcode, 8);
+        assert_eq!(&f.payload[..2], &1001u16.to_be_bytes());
+        keys.push(f.mask.expect("frames to a backend are masked"));
+        while let Some(Ok(_)) = ws.next().await {}
+    }
+    assert!(keys.iter().all(|k| *k != [0; 4]), "{keys:?}");
+    assert_ne!(keys[0], keys[1], "each close has its own key");
 }

@@ -179,7 +179,9 @@ fn the_readme_reference_lists_exactly_these_keys_and_defaults() {
             continue;
         };
         let cells: Vec<&str> = row.split(" | ").collect();
-        let key = cells[0].trim_end_matches('`').trim_matches(|c| c == '[' || c == ']');
+        let key = cells[0]
+            .trim_end_matches('`')
+            .trim_matches(|c| c == '[' || c == ']');
         let default = cells[1].trim().trim_matches('`').to_string();
         let key = if key.contains('.') {
             key.to_string()
@@ -196,5 +198,8 @@ fn the_readme_reference_lists_exactly_these_keys_and_defaults() {
     let mut b = documented.clone();
     a.sort();
     b.sort();
-    assert_eq!(a, b, "README rows (left) against the code's defaults (right)");
+    assert_eq!(
+        a, b,
+        "README rows (left) against the code's defaults (right)"
+    );
 }

@@ -546,17 +546,116 @@ pub fn code_of(payload: &[u8]) -> u16 {
     u16::from_be_bytes([payload[0], payload[1]])
 }
 
-/// Polls `/metrics` until `line` appears (metrics of a tunnel are recorded when it closes).
-pub async fn wait_metric(gate: &Gate, line: &str) -> String {
-    for _ in 0..100 {
-        let m = gate.metrics().await;
-        if m.lines().any(|l| l == line) {
-            return m;
+/// The metrics once every tunnel has ended (a tunnel's close counters are added as it ends).
+pub async fn metrics_when_no_tunnel_is_open(gate: &Gate) -> String {
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        gate.handle.wait_until(|a| a.tunnels == 0),
+    )
+    .await
+    .expect("every tunnel ends");
+    gate.metrics().await
+}
+
+/// A frame as a raw backend saw it: opcode, mask key, unmasked payload.
+#[derive(Debug, Clone)]
+pub struct RawFrame {
+    pub opcode: u8,
+    pub mask: Option<[u8; 4]>,
+    pub payload: Vec<u8>,
+}
+
+/// A backend that answers the Upgrade by hand and reports every frame exactly as it arrived,
+/// mask keys included (tungstenite hides them).
+pub async fn raw_ws_backend() -> (SocketAddr, mpsc::UnboundedReceiver<RawFrame>) {
+    use base64::Engine;
+    use sha1::Digest;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let end = loop {
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                buf.drain(..end);
+                let key = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("sec-websocket-key")
+                            .then(|| v.trim().to_string())
+                    })
+                    .unwrap_or_default();
+                let mut h = sha1::Sha1::new();
+                h.update(key.as_bytes());
+                h.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+                let accept = base64::engine::general_purpose::STANDARD.encode(h.finalize());
+                let resp = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+                );
+                if s.write_all(resp.as_bytes()).await.is_err() {
+                    return;
+                }
+                loop {
+                    while let Some((frame, used)) = parse_raw_frame(&buf) {
+                        buf.drain(..used);
+                        let _ = tx.send(frame);
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    });
+    (addr, rx)
+}
+
+fn parse_raw_frame(b: &[u8]) -> Option<(RawFrame, usize)> {
+    if b.len() < 2 {
+        return None;
     }
-    panic!(
-        "metric line {line:?} never appeared:\n{}",
-        gate.metrics().await
-    );
+    let masked = b[1] & 0x80 != 0;
+    let (len, mut at) = match b[1] & 0x7f {
+        126 => (u16::from_be_bytes([*b.get(2)?, *b.get(3)?]) as usize, 4),
+        127 => (
+            u64::from_be_bytes(b.get(2..10)?.try_into().ok()?) as usize,
+            10,
+        ),
+        n => (n as usize, 2),
+    };
+    let mask = if masked {
+        let m: [u8; 4] = b.get(at..at + 4)?.try_into().ok()?;
+        at += 4;
+        Some(m)
+    } else {
+        None
+    };
+    let mut payload = b.get(at..at + len)?.to_vec();
+    if let Some(m) = mask {
+        for (i, x) in payload.iter_mut().enumerate() {
+            *x ^= m[i % 4];
+        }
+    }
+    Some((
+        RawFrame {
+            opcode: b[0] & 0x0f,
+            mask,
+            payload,
+        },
+        at + len,
+    ))
 }
