@@ -2,5 +2,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    wsgate::relay::fuzz_frames(data);
+    wsgate::fuzz::frames(data);
 });
