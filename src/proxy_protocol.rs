@@ -73,6 +73,11 @@ pub(crate) fn parse(
             }
             let window = &buf[..buf.len().min(V1_MAX)];
             match window.windows(2).position(|w| w == b"\r\n") {
+                // No CR or LF inside the line, even after UNKNOWN: what a proper prefix of
+                // a header may hold must be decidable without its end.
+                Some(i) if buf[..i].iter().any(|&b| b == b'\r' || b == b'\n') => {
+                    Err("malformed PROXY v1 header")
+                }
                 Some(i) => parse_v1(&buf[..i], fallback)
                     .map(|a| Some((a, i + 2)))
                     .ok_or("malformed PROXY v1 header"),
@@ -265,6 +270,9 @@ mod tests {
         assert!(parse(b"PROXY TCP4 1.2\n", fallback()).is_err());
         assert_eq!(parse(&V2_SIG[..5], fallback()), Ok(None));
         fuzz_proxy_header(b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 443\r\nrest");
+        // Found by the fuzzer: a CR inside an UNKNOWN line made a prefix invalid.
+        assert!(parse(b"PROXY UNKNOWN a\rb\r\n", fallback()).is_err());
+        fuzz_proxy_header(b"PROXY UNKNOWN a\rb\r\n");
     }
 
     #[tokio::test]
