@@ -54,6 +54,8 @@ pub(crate) struct Conn {
     pub(crate) shared: Arc<Shared>,
     /// `conn{id, client}`, with `route` and `backend` recorded once known.
     pub(crate) span: tracing::Span,
+    /// Counts the connection open until the context (and the tunnel holding it) drops.
+    pub(crate) _open: crate::listener::OpenGauge,
 }
 
 impl Conn {

@@ -288,9 +288,9 @@ async fn connection(a: Accepted, permit: Option<Permit>) {
             }
         }
     };
-    let _open = OpenGauge::new(&shared);
     let span = conn::span(id, client);
     let conn = Conn {
+        _open: OpenGauge::new(shared.clone()),
         id,
         client,
         listener: kind,
@@ -301,8 +301,10 @@ async fn connection(a: Accepted, permit: Option<Permit>) {
         span: span.clone(),
     };
     let tunnel = handshake(conn, tcp, deadline).instrument(span).await;
+    // A task of its own: this one's state is sized for the handshake and HTTP forwarding,
+    // several times what an idle tunnel needs, and would stay allocated as long as the tunnel.
     if let Some(t) = tunnel {
-        t.run().await;
+        shared.tasks.spawn(t.run());
     }
 }
 
@@ -348,18 +350,18 @@ async fn plain_http_on_tls_port(tcp: &TcpStream, deadline: Instant) -> bool {
     )
 }
 
-/// Keeps the open-connections gauge right however the task ends.
-struct OpenGauge<'a>(&'a Shared);
+/// Keeps the open-connections gauge right however the connection ends.
+pub(crate) struct OpenGauge(Arc<Shared>);
 
-impl<'a> OpenGauge<'a> {
-    fn new(s: &'a Shared) -> Self {
+impl OpenGauge {
+    fn new(s: Arc<Shared>) -> Self {
         s.metrics.client_connections.inc();
         s.stats.connection_opened();
         OpenGauge(s)
     }
 }
 
-impl Drop for OpenGauge<'_> {
+impl Drop for OpenGauge {
     fn drop(&mut self) {
         self.0.metrics.client_connections.dec();
         self.0.stats.connection_closed();

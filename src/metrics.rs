@@ -55,6 +55,18 @@ pub(crate) struct RequestLabel {
     pub(crate) status: &'static str,
 }
 
+/// Labels of the policy close counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct PolicyLabel {
+    /// Route label.
+    pub(crate) route: String,
+    /// `message_size`, `message_rate` or `byte_rate`.
+    pub(crate) policy: &'static str,
+}
+
+/// A counter of seconds.
+pub(crate) type Seconds = Counter<f64, std::sync::atomic::AtomicU64>;
+
 /// Every metric wsgate exports.
 pub(crate) struct Metrics {
     registry: Registry,
@@ -66,6 +78,10 @@ pub(crate) struct Metrics {
     pub(crate) connections_total: Family<RouteLabel, Counter>,
     /// Plain HTTP requests forwarded by route and status class.
     pub(crate) http_requests: Family<RequestLabel, Counter>,
+    /// Tunnels closed for breaking a route's limit, by route and limit.
+    pub(crate) policy_closes: Family<PolicyLabel, Counter>,
+    /// Time tunnels spent throttled by their rate limits, by route.
+    pub(crate) throttled_seconds: Family<RouteLabel, Seconds>,
     /// Refused handshakes by reason.
     pub(crate) rejections: Family<ReasonLabel, Counter>,
     /// Bytes relayed each way.
@@ -139,6 +155,8 @@ impl Metrics {
             connections_open: Family::default(),
             connections_total: Family::default(),
             http_requests: Family::default(),
+            policy_closes: Family::default(),
+            throttled_seconds: Family::default(),
             rejections: Family::default(),
             bytes: Family::default(),
             frames: Family::default(),
@@ -252,6 +270,16 @@ impl Metrics {
             "wsgate_config_reloads",
             "Configuration reloads by result",
             m.reloads.clone(),
+        );
+        r.register(
+            "wsgate_policy_closes",
+            "Tunnels closed for breaking a route's message size or rate limit",
+            m.policy_closes.clone(),
+        );
+        r.register(
+            "wsgate_throttled_seconds",
+            "Time tunnels spent throttled by their rate limits",
+            m.throttled_seconds.clone(),
         );
         r.register(
             "wsgate_config_last_reload_successful",

@@ -21,7 +21,7 @@ use crate::conn::ListenerKind;
 use crate::listener::{BindError, ListenKey, Listeners};
 use crate::route::RouteTable;
 use crate::upstream::pool::Pool;
-use crate::{admin, limits, metrics, relay, shutdown, tls};
+use crate::{admin, limits, metrics, shutdown, tls};
 
 /// Everything a new connection needs from the configuration; swapped whole on reload, while
 /// established connections and tunnels keep the snapshot they started with.
@@ -31,8 +31,6 @@ pub(crate) struct Runtime {
     pub(crate) routes: RouteTable,
     /// TLS server configuration; `None` exactly when there are no TLS listeners.
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
-    /// Tunnel settings.
-    pub(crate) ws: relay::Settings,
 }
 
 impl Runtime {
@@ -45,7 +43,6 @@ impl Runtime {
         };
         Ok(Runtime {
             routes: RouteTable::new(&config.routes),
-            ws: relay::Settings::from(&config.websocket),
             tls,
             config,
         })

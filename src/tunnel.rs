@@ -11,7 +11,7 @@ use crate::config::Route;
 use crate::conn::{ClientStream, Conn};
 use crate::downstream::response::encode_switching;
 use crate::downstream::{Downstream, Next, Served};
-use crate::metrics::RouteLabel;
+use crate::metrics::{PolicyLabel, RelayCounters, RouteLabel, Seconds};
 use crate::reject::Refusal;
 use crate::relay::{self, GatewayClose};
 use crate::upstream::upgrade::{self, Answer};
@@ -27,6 +27,8 @@ pub(crate) struct Tunnel {
     /// What the backend sent past its 101.
     backend_prefix: Bytes,
     route: String,
+    /// The route's `[websocket]` settings as they were when the tunnel opened.
+    settings: relay::Settings,
 }
 
 /// How an Upgrade went.
@@ -42,6 +44,7 @@ pub(crate) struct TunnelParts {
     backend: BackendStream,
     backend_prefix: Bytes,
     route: String,
+    settings: relay::Settings,
 }
 
 /// Connects a backend, forwards the Upgrade, checks its answer and answers the client.
@@ -95,6 +98,7 @@ pub(crate) async fn open(
         backend: switched.stream,
         backend_prefix: switched.leftover,
         route: label,
+        settings: relay::Settings::from(&route.websocket),
     })))
 }
 
@@ -108,6 +112,7 @@ impl Tunnel {
             backend: parts.backend,
             backend_prefix: parts.backend_prefix,
             route: parts.route,
+            settings: parts.settings,
         }
     }
 
@@ -121,10 +126,15 @@ impl Tunnel {
             backend,
             backend_prefix,
             route,
+            settings,
         } = self;
         let shared = conn.shared.clone();
         let m = &shared.metrics;
         let route_label = RouteLabel { route };
+        let tally = TunnelTally {
+            relay: &m.relay,
+            throttled: m.throttled_seconds.get_or_create(&route_label).clone(),
+        };
         m.connections_total.get_or_create(&route_label).inc();
         m.connections_open.get_or_create(&route_label).inc();
         let opened = Instant::now();
@@ -137,19 +147,32 @@ impl Tunnel {
                 backend,
                 backend_prefix,
             },
-            &conn.rt.ws,
+            &settings,
             &shared.drain,
-            &m.relay,
+            &tally,
             conn.id,
         )
         .await;
         m.connections_open.get_or_create(&route_label).dec();
         m.close(s.close_code, s.closed_by.as_str());
+        let mut policy = None;
         match s.gateway_close {
-            Some(GatewayClose::PingTimeout) => m.ping_timeouts.inc(),
-            Some(GatewayClose::Idle) => m.idle_timeouts.inc(),
-            _ => 0,
-        };
+            Some(GatewayClose::PingTimeout) => {
+                m.ping_timeouts.inc();
+            }
+            Some(GatewayClose::Idle) => {
+                m.idle_timeouts.inc();
+            }
+            Some(GatewayClose::Policy(l)) => {
+                policy = Some(l.as_str());
+                let label = PolicyLabel {
+                    route: route_label.route.clone(),
+                    policy: l.as_str(),
+                };
+                m.policy_closes.get_or_create(&label).inc();
+            }
+            _ => {}
+        }
         conn.span.in_scope(|| {
             tracing::info!(
                 duration_ms = opened.elapsed().as_millis() as u64,
@@ -160,9 +183,27 @@ impl Tunnel {
                 closed_by = s.closed_by.as_str(),
                 close_code = s.close_code.map_or(-1, i64::from),
                 reason = %s.reason,
+                policy,
+                throttled_ms = s.traffic.throttled.as_millis() as u64,
                 "tunnel closed"
             )
         });
         shared.stats.tunnel_closed();
+    }
+}
+
+/// The tunnel's live traffic reports: the process-wide relay counters, and the time held back
+/// by its route's rate limits.
+struct TunnelTally<'a> {
+    relay: &'a RelayCounters,
+    throttled: Seconds,
+}
+
+impl relay::Tally for TunnelTally<'_> {
+    fn add(&self, delta: &relay::Traffic) {
+        relay::Tally::add(self.relay, delta);
+        if !delta.throttled.is_zero() {
+            self.throttled.inc_by(delta.throttled.as_secs_f64());
+        }
     }
 }

@@ -47,7 +47,7 @@ impl Cx<'_> {
         let server = self.server(raw.server);
         let tls = self.tls(raw.tls);
         let limits = self.limits(raw.limits);
-        let websocket = self.websocket(raw.websocket);
+        let websocket = self.websocket("websocket", &raw.websocket, &d::websocket());
         let upstream = Upstream {
             connect_timeout: self.duration(
                 "upstream.connect_timeout",
@@ -74,7 +74,7 @@ impl Cx<'_> {
             .routes
             .into_iter()
             .enumerate()
-            .filter_map(|(i, r)| self.route(i, r))
+            .filter_map(|(i, r)| self.route(i, r, &websocket))
             .collect::<Vec<_>>();
         for (i, a) in routes.iter().enumerate() {
             if routes[..i]
@@ -94,7 +94,6 @@ impl Cx<'_> {
             server,
             tls,
             limits,
-            websocket,
             upstream,
             admin,
             log,
@@ -232,38 +231,90 @@ impl Cx<'_> {
         }
     }
 
-    fn websocket(&mut self, r: RawWebSocket) -> WebSocket {
+    /// The `[websocket]` keys of `r` (under `prefix`), each defaulting to `base`'s value: the
+    /// built-in defaults for `[websocket]`, the global table for a route's.
+    fn websocket(&mut self, prefix: &str, r: &RawWebSocket, base: &WebSocket) -> WebSocket {
+        let k = |name: &str| format!("{prefix}.{name}");
+        let action = match &r.rate_limit_action {
+            None => base.rate_limit_action,
+            Some(a) => match a.get_ref().as_str() {
+                "throttle" => RateLimitAction::Throttle,
+                "close" => RateLimitAction::Close,
+                other => {
+                    let line = self.line(a.span());
+                    self.push(
+                        line,
+                        &k("rate_limit_action"),
+                        format!("\"{other}\" is not an action; use \"throttle\" or \"close\""),
+                    );
+                    base.rate_limit_action
+                }
+            },
+        };
         WebSocket {
             ping_interval: self.duration(
-                "websocket.ping_interval",
+                &k("ping_interval"),
                 &r.ping_interval,
-                d::PING_INTERVAL,
+                base.ping_interval,
                 Zero::Disables,
             ),
             pong_timeout: self.duration(
-                "websocket.pong_timeout",
+                &k("pong_timeout"),
                 &r.pong_timeout,
-                d::PONG_TIMEOUT,
+                base.pong_timeout,
                 Zero::Invalid,
             ),
             idle_timeout: self.duration(
-                "websocket.idle_timeout",
+                &k("idle_timeout"),
                 &r.idle_timeout,
-                d::IDLE_TIMEOUT,
+                base.idle_timeout,
                 Zero::Disables,
             ),
             max_frame_size: self.size(
-                "websocket.max_frame_size",
+                &k("max_frame_size"),
                 &r.max_frame_size,
-                d::MAX_FRAME_SIZE_BYTES,
+                base.max_frame_size,
                 1..=(i64::MAX as u64),
             ),
             max_lifetime: self.duration(
-                "websocket.max_lifetime",
+                &k("max_lifetime"),
                 &r.max_lifetime,
-                d::MAX_LIFETIME,
+                base.max_lifetime,
                 Zero::Disables,
             ),
+            max_message_size: self.size(
+                &k("max_message_size"),
+                &r.max_message_size,
+                base.max_message_size,
+                0..=(i64::MAX as u64),
+            ),
+            client_message_rate: self.count(
+                &k("client_message_rate"),
+                &r.client_message_rate,
+                base.client_message_rate as i64,
+                0,
+                1_000_000_000,
+            ) as u64,
+            client_message_burst: self.count(
+                &k("client_message_burst"),
+                &r.client_message_burst,
+                base.client_message_burst as i64,
+                0,
+                1_000_000_000,
+            ) as u64,
+            client_byte_rate: self.size(
+                &k("client_byte_rate"),
+                &r.client_byte_rate,
+                base.client_byte_rate,
+                0..=(1 << 40),
+            ),
+            client_byte_burst: self.size(
+                &k("client_byte_burst"),
+                &r.client_byte_burst,
+                base.client_byte_burst,
+                0..=(1 << 40),
+            ),
+            rate_limit_action: action,
         }
     }
 
@@ -301,7 +352,7 @@ impl Cx<'_> {
         Log { format, level }
     }
 
-    fn route(&mut self, index: usize, r: RawRoute) -> Option<Route> {
+    fn route(&mut self, index: usize, r: RawRoute, ws: &WebSocket) -> Option<Route> {
         let base = format!("routes[{index}]");
         let errors_before = self.errors.len();
         let path = r.path.get_ref().clone();
@@ -371,10 +422,15 @@ impl Cx<'_> {
                 }
             },
         };
+        let websocket = match &r.websocket {
+            Some(w) => self.websocket(&format!("{base}.websocket"), w, ws),
+            None => ws.clone(),
+        };
         if self.errors.len() > errors_before {
             return None;
         }
         Some(Route {
+            websocket,
             index,
             path,
             host,

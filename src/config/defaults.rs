@@ -28,6 +28,23 @@ pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 pub(crate) const MAX_FRAME_SIZE_BYTES: u64 = 16 * 1024 * 1024;
 pub(crate) const MAX_LIFETIME: Duration = Duration::ZERO;
 
+/// `[websocket]` as it is when the file says nothing: the base every route's table overrides.
+pub(crate) fn websocket() -> super::WebSocket {
+    super::WebSocket {
+        ping_interval: PING_INTERVAL,
+        pong_timeout: PONG_TIMEOUT,
+        idle_timeout: IDLE_TIMEOUT,
+        max_frame_size: MAX_FRAME_SIZE_BYTES,
+        max_lifetime: MAX_LIFETIME,
+        max_message_size: 0,
+        client_message_rate: 0,
+        client_message_burst: 0,
+        client_byte_rate: 0,
+        client_byte_burst: 0,
+        rate_limit_action: super::RateLimitAction::Throttle,
+    }
+}
+
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -62,6 +79,12 @@ pub(crate) const DOCUMENTED: &[(&str, &str)] = &[
     ("websocket.idle_timeout", r#""10m""#),
     ("websocket.max_frame_size", r#""16MiB""#),
     ("websocket.max_lifetime", r#""0s""#),
+    ("websocket.max_message_size", "0"),
+    ("websocket.client_message_rate", "0"),
+    ("websocket.client_message_burst", "the rate"),
+    ("websocket.client_byte_rate", "0"),
+    ("websocket.client_byte_burst", "the rate"),
+    ("websocket.rate_limit_action", r#""throttle""#),
     ("upstream.connect_timeout", r#""5s""#),
     ("upstream.response_timeout", r#""60s""#),
     ("admin.listen", r#""127.0.0.1:9090""#),
@@ -73,4 +96,5 @@ pub(crate) const DOCUMENTED: &[(&str, &str)] = &[
     ("routes.allowed_origins", "[]"),
     ("routes.allow_missing_origin", "false"),
     ("routes.sticky", "none"),
+    ("routes.websocket", "none"),
 ];

@@ -86,8 +86,6 @@ pub struct Config {
     pub(crate) tls: Tls,
     /// `[limits]`.
     pub(crate) limits: Limits,
-    /// `[websocket]`.
-    pub(crate) websocket: WebSocket,
     /// `[upstream]`.
     pub(crate) upstream: Upstream,
     /// `[admin]`.
@@ -171,6 +169,27 @@ pub(crate) struct WebSocket {
     pub(crate) max_frame_size: u64,
     /// Tunnels older than this are closed; zero disables.
     pub(crate) max_lifetime: Duration,
+    /// Largest client message, summed over its frames; zero disables.
+    pub(crate) max_message_size: u64,
+    /// Client messages (and pings) per second; zero disables.
+    pub(crate) client_message_rate: u64,
+    /// Burst of the message rate; zero means one second's worth.
+    pub(crate) client_message_burst: u64,
+    /// Client payload bytes per second; zero disables.
+    pub(crate) client_byte_rate: u64,
+    /// Burst of the byte rate; zero means one second's worth.
+    pub(crate) client_byte_burst: u64,
+    /// What an exhausted rate does.
+    pub(crate) rate_limit_action: RateLimitAction,
+}
+
+/// `rate_limit_action`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RateLimitAction {
+    /// Stop reading from the client until its bucket refills.
+    Throttle,
+    /// Close the tunnel with 1008.
+    Close,
 }
 
 /// `[upstream]`: backend connection timeouts.
@@ -249,6 +268,8 @@ pub(crate) struct Route {
     pub(crate) origins: OriginPolicy,
     /// Backend choice.
     pub(crate) balance: Balance,
+    /// `[websocket]` with this route's `[routes.websocket]` overrides.
+    pub(crate) websocket: WebSocket,
 }
 
 impl Route {

@@ -67,6 +67,12 @@ pub(super) struct RawWebSocket {
     pub(super) idle_timeout: Opt<Value>,
     pub(super) max_frame_size: Opt<Value>,
     pub(super) max_lifetime: Opt<Value>,
+    pub(super) max_message_size: Opt<Value>,
+    pub(super) client_message_rate: Opt<i64>,
+    pub(super) client_message_burst: Opt<i64>,
+    pub(super) client_byte_rate: Opt<Value>,
+    pub(super) client_byte_burst: Opt<Value>,
+    pub(super) rate_limit_action: Opt<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -101,4 +107,7 @@ pub(super) struct RawRoute {
     pub(super) allow_missing_origin: Option<bool>,
     #[serde(default)]
     pub(super) sticky: Opt<String>,
+    /// Any `[websocket]` key, for this route only.
+    #[serde(default)]
+    pub(super) websocket: Option<RawWebSocket>,
 }

@@ -14,8 +14,10 @@ fn defaults_are_the_documented_ones() {
     assert_eq!(c.server.handshake_timeout, Duration::from_secs(10));
     assert_eq!(c.server.max_connections.get(), 50_000);
     assert_eq!(c.server.max_request_head, 32 * 1024);
-    assert_eq!(c.websocket.max_frame_size, 16 * 1024 * 1024);
-    assert_eq!(c.websocket.idle_timeout, Duration::from_secs(600));
+    let r = parse("[[routes]]\npath = \"/\"\nbackends = [\"a:1\"]\n").unwrap();
+    assert_eq!(r.routes[0].websocket.max_frame_size, 16 * 1024 * 1024);
+    assert_eq!(r.routes[0].websocket.idle_timeout, Duration::from_secs(600));
+    assert_eq!(r.routes[0].websocket.max_message_size, 0);
     assert_eq!(c.limits.per_ip_burst, 40);
     assert_eq!(c.upstream.response_timeout, Duration::from_secs(60));
     assert_eq!(

@@ -192,7 +192,15 @@ impl Tracker {
     }
 
     /// Validates a header parsed at a boundary and starts its frame.
+    #[cfg(test)]
     pub(crate) fn begin(&mut self, h: &Header) -> Result<(), Violation> {
+        self.check(h)?;
+        self.start(h);
+        Ok(())
+    }
+
+    /// Validates a header parsed at a boundary without starting its frame.
+    pub(crate) fn check(&self, h: &Header) -> Result<(), Violation> {
         debug_assert!(self.at_boundary());
         if h.len >> 63 != 0 {
             return Err(Violation::LengthTopBit);
@@ -226,12 +234,16 @@ impl Tracker {
         if self.sender == Sender::Client && h.len > self.max_len {
             return Err(Violation::TooLarge);
         }
+        Ok(())
+    }
+
+    /// Starts the frame of a header [`Tracker::check`] accepted.
+    pub(crate) fn start(&mut self, h: &Header) {
         if h.is_data() {
             self.in_message = !h.fin;
         }
         self.data_payload = h.is_data();
         self.remaining = h.len;
-        Ok(())
     }
 }
 

@@ -9,6 +9,7 @@
 
 pub(crate) mod frame;
 mod keep;
+pub(crate) mod policy;
 mod pump;
 
 use std::future::Future;
@@ -22,6 +23,7 @@ use tokio::time::{Instant, Sleep};
 
 use frame::{ControlFrame, OP_PING, Sender, Violation};
 use keep::Keep;
+use policy::Limit;
 use pump::{CloseSpec, Dir, Flow, Found, pump};
 
 /// How long the gateway waits for close handshakes it started before dropping both sockets.
@@ -40,6 +42,8 @@ pub(crate) struct Settings {
     pub(crate) max_frame_size: u64,
     /// Tunnel age bound; zero disables.
     pub(crate) max_lifetime: Duration,
+    /// What the client may send: message size, message and byte rates.
+    pub(crate) limits: policy::Limits,
 }
 
 impl From<&crate::config::WebSocket> for Settings {
@@ -50,6 +54,17 @@ impl From<&crate::config::WebSocket> for Settings {
             idle_timeout: w.idle_timeout,
             max_frame_size: w.max_frame_size,
             max_lifetime: w.max_lifetime,
+            limits: policy::Limits {
+                max_message_size: w.max_message_size,
+                message_rate: w.client_message_rate,
+                message_burst: w.client_message_burst,
+                byte_rate: w.client_byte_rate,
+                byte_burst: w.client_byte_burst,
+                action: match w.rate_limit_action {
+                    crate::config::RateLimitAction::Throttle => policy::Action::Throttle,
+                    crate::config::RateLimitAction::Close => policy::Action::Close,
+                },
+            },
         }
     }
 }
@@ -87,8 +102,10 @@ pub(crate) enum GatewayClose {
     Lifetime,
     /// The process is draining.
     Shutdown,
-    /// The client broke RFC 6455 or the size limit.
+    /// The client broke RFC 6455 or the frame size limit.
     ClientViolation(Violation),
+    /// The client broke one of its route's limits.
+    Policy(Limit),
     /// The backend broke RFC 6455.
     BackendViolation(Violation),
     /// The client's connection failed; only the backend can be told.
@@ -106,6 +123,7 @@ impl GatewayClose {
             GatewayClose::Lifetime => (1001, "max lifetime"),
             GatewayClose::Shutdown => (1001, "going away"),
             GatewayClose::ClientViolation(v) => (v.close_code(), v.reason()),
+            GatewayClose::Policy(l) => l.close(),
             GatewayClose::BackendViolation(_) => (1014, "bad gateway"),
             GatewayClose::ClientGone => (1001, "client gone"),
             GatewayClose::BackendGone => (1001, "backend gone"),
@@ -116,6 +134,7 @@ impl GatewayClose {
     pub(crate) fn backend_close(self) -> (u16, &'static str) {
         match self {
             GatewayClose::ClientViolation(v) => (1001, v.client_reason()),
+            GatewayClose::Policy(l) => (1001, l.close().1),
             GatewayClose::BackendViolation(v) => (1002, v.reason()),
             other => other.client_close(),
         }
@@ -152,11 +171,14 @@ pub(crate) struct Traffic {
     pub(crate) pings_sent: u64,
     /// Pongs to gateway pings received (and consumed).
     pub(crate) pongs_received: u64,
+    /// Time the client was held back by its rate limits (holds that ended).
+    pub(crate) throttled: Duration,
 }
 
 impl Traffic {
     fn since(&self, before: &Traffic) -> Traffic {
         Traffic {
+            throttled: self.throttled - before.throttled,
             bytes_up: self.bytes_up - before.bytes_up,
             bytes_down: self.bytes_down - before.bytes_down,
             frames_up: self.frames_up - before.frames_up,
@@ -208,7 +230,12 @@ where
     let mut t = Relay {
         client: peers.client,
         backend: peers.backend,
-        up: Dir::new(Sender::Client, settings.max_frame_size, peers.client_prefix),
+        up: Dir::client(
+            settings.max_frame_size,
+            peers.client_prefix,
+            settings.limits,
+            now,
+        ),
         down: Dir::new(Sender::Backend, 0, peers.backend_prefix),
         keep: Keep::new(settings, now, tunnel_id),
         phase: Phase::Open,
@@ -290,6 +317,7 @@ where
                 &mut self.backend,
                 &mut self.up,
                 &mut self.keep,
+                now,
                 cx,
             );
             let down = pump(
@@ -297,6 +325,7 @@ where
                 &mut self.client,
                 &mut self.down,
                 &mut self.keep,
+                now,
                 cx,
             );
             let mut again = self.absorb(up, Side::Client, now);
@@ -366,12 +395,11 @@ where
         if found.close && self.first_close.is_none() {
             self.first_close = Some(side);
         }
-        let Some(v) = found.violation else {
-            return false;
-        };
-        let why = match side {
-            Side::Client => GatewayClose::ClientViolation(v),
-            _ => GatewayClose::BackendViolation(v),
+        let why = match (found.violation, found.limit, side) {
+            (Some(v), _, Side::Client) => GatewayClose::ClientViolation(v),
+            (Some(v), _, _) => GatewayClose::BackendViolation(v),
+            (None, Some(l), _) => GatewayClose::Policy(l),
+            (None, None, _) => return false,
         };
         self.start_close(why, now);
         true
@@ -380,6 +408,14 @@ where
     fn check_timers(&mut self, now: Instant) {
         if let Phase::Closing { .. } = self.phase {
             return;
+        }
+        if self.up.hold.is_some() {
+            // A throttled client is not read, so its pongs cannot be seen: its pong deadline
+            // waits, and the time held counts as activity.
+            self.keep.last_activity = now;
+            if let Some(d) = self.keep.pong_deadline {
+                self.keep.pong_deadline = Some(d.max(now + self.keep.pong_timeout));
+            }
         }
         if self.keep.pong_deadline.is_some_and(|d| now >= d) {
             self.start_close(GatewayClose::PingTimeout, now);
@@ -420,6 +456,9 @@ where
             why,
             deadline: now + CLOSE_WAIT,
         };
+        // Closing ends throttling: what the client sent is read (and discarded) again, so its
+        // answering Close is seen.
+        self.up.release_hold(now);
         let (cc, cr) = why.client_close();
         let (bc, br) = why.backend_close();
         // Frames to the client are unmasked; frames to the backend are masked since wsgate is
@@ -474,6 +513,7 @@ where
         match self.phase {
             Phase::Closing { deadline, .. } => consider(Some(deadline)),
             Phase::Open => {
+                consider(self.up.hold.map(|h| h.until));
                 consider(self.keep.pong_deadline);
                 // A ping already due waits for a frame boundary, which only traffic brings:
                 // no timer for it, or the timer would fire in a loop.
@@ -500,6 +540,7 @@ where
             frames_down: self.down.frames,
             pings_sent: self.keep.pings_sent,
             pongs_received: self.keep.pongs,
+            throttled: self.up.throttled,
         }
     }
 
@@ -514,6 +555,7 @@ where
                     GatewayClose::ClientViolation(v) => {
                         format!("client protocol error: {}", v.reason())
                     }
+                    GatewayClose::Policy(l) => format!("policy {}: {}", l.as_str(), r),
                     _ => r.to_string(),
                 };
                 let code = (why != GatewayClose::ClientGone).then_some(c);

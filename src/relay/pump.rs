@@ -11,8 +11,11 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use tokio::time::Instant;
+
 use super::frame::{self, OP_CLOSE, OP_PONG, Sender, Tracker, Violation};
 use super::keep::{Keep, TOKEN_LEN};
+use super::policy::{Limit, Limits, Policy, Verdict};
 
 /// Room in front of each read for bytes carried over from the previous read.
 pub(super) const HEADROOM: usize = 64;
@@ -68,10 +71,19 @@ pub(super) enum Sink {
     Failed,
 }
 
+/// A client direction held back by its rate policy: nothing is read before `until`; the frame
+/// that found the bucket empty, and everything after it, waits in the backlog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Hold {
+    pub(super) until: Instant,
+    since: Instant,
+}
+
 /// State of one direction.
 ///
 /// Legal combinations: `Flow::Closing` only while `Sink::Open` (a failed sink stops the flow at
-/// once); `Sink::Shut` only once the source ended or the flow stopped and nothing is pending.
+/// once); `Sink::Shut` only once the source ended or the flow stopped and nothing is pending;
+/// `hold` only while `Flow::Forwarding` (a closing tunnel stops throttling).
 pub(super) struct Dir {
     pub(super) from: Sender,
     pub(super) tracker: Tracker,
@@ -82,8 +94,15 @@ pub(super) struct Dir {
     /// Bytes the destination has not accepted yet; empty and unallocated when idle.
     pub(super) pending: Vec<u8>,
     pending_pos: usize,
-    /// Input read before the tunnel began (handshake leftovers), processed before any read.
+    /// Input not processed yet, taken before any new read: handshake leftovers, and what a
+    /// hold kept back.
     backlog: Bytes,
+    /// The client's limits (`None` for the backend's direction and when every limit is off, so
+    /// a tunnel without policies pays nothing for them).
+    policy: Option<Box<Policy>>,
+    pub(super) hold: Option<Hold>,
+    /// Time spent held so far (holds that ended).
+    pub(super) throttled: std::time::Duration,
     pub(super) source: Source,
     pub(super) flow: Flow,
     pub(super) sink: Sink,
@@ -105,6 +124,8 @@ pub(super) struct Found {
     pub(super) pong: bool,
     /// A Close frame passed.
     pub(super) close: bool,
+    /// A limit the client broke; the frame that broke it was not forwarded.
+    pub(super) limit: Option<Limit>,
 }
 
 impl Found {
@@ -113,11 +134,32 @@ impl Found {
         self.pong |= f.pong;
         self.close |= f.close;
         self.violation = self.violation.or(f.violation);
+        self.limit = self.limit.or(f.limit);
+    }
+
+    /// The tunnel must close.
+    pub(super) fn stops(&self) -> bool {
+        self.violation.is_some() || self.limit.is_some()
     }
 }
 
 impl Dir {
     pub(super) fn new(from: Sender, max_frame: u64, backlog: Bytes) -> Self {
+        Self::with_policy(from, max_frame, backlog, None)
+    }
+
+    /// The client's direction, with its limits.
+    pub(super) fn client(max_frame: u64, backlog: Bytes, limits: Limits, now: Instant) -> Self {
+        let policy = (!limits.is_off()).then(|| Box::new(Policy::new(limits, now)));
+        Self::with_policy(Sender::Client, max_frame, backlog, policy)
+    }
+
+    fn with_policy(
+        from: Sender,
+        max_frame: u64,
+        backlog: Bytes,
+        policy: Option<Box<Policy>>,
+    ) -> Self {
         Dir {
             from,
             tracker: Tracker::new(from, max_frame),
@@ -126,6 +168,9 @@ impl Dir {
             pending: Vec::new(),
             pending_pos: 0,
             backlog,
+            policy,
+            hold: None,
+            throttled: std::time::Duration::ZERO,
             source: Source::Open,
             flow: Flow::Forwarding,
             sink: Sink::Open { unflushed: false },
@@ -179,6 +224,23 @@ impl Dir {
         self.flow = Flow::Stopped;
     }
 
+    /// Ends a hold: reading resumes with the backlog.
+    pub(super) fn release_hold(&mut self, now: Instant) {
+        if let Some(h) = self.hold.take() {
+            self.throttled += now.saturating_duration_since(h.since);
+        }
+    }
+
+    /// Keeps `rest` (from the held frame's header on) in front of the backlog.
+    fn hold_back(&mut self, rest: &[u8], until: Instant, now: Instant) {
+        let mut v = Vec::with_capacity(rest.len() + self.backlog.len());
+        v.extend_from_slice(rest);
+        v.extend_from_slice(&self.backlog);
+        self.backlog = Bytes::from(v);
+        let since = self.hold.map_or(now, |h| h.since);
+        self.hold = Some(Hold { until, since });
+    }
+
     /// Stops reading and forwarding altogether (a peer vanished during the close handshake).
     pub(super) fn abandon(&mut self) {
         if !self.ended() {
@@ -207,12 +269,13 @@ impl Dir {
         buf: &mut [u8],
         n: usize,
         keep: &mut Keep,
+        now: Instant,
     ) -> (std::ops::Range<usize>, Found) {
         let start = HEADROOM - self.carry_len;
         buf[start..HEADROOM].copy_from_slice(&self.carry[..self.carry_len]);
         self.carry_len = 0;
         let frames_before = self.frames;
-        let (end, found) = self.process(buf, start, HEADROOM + n, keep);
+        let (end, found) = self.process(buf, start, HEADROOM + n, keep, now);
         if self.flow == Flow::Stopped {
             // After the gateway's Close nothing more is relayed.
             self.frames = frames_before;
@@ -233,6 +296,7 @@ impl Dir {
         start: usize,
         end: usize,
         keep: &mut Keep,
+        now: Instant,
     ) -> (usize, Found) {
         let mut found = Found::default();
         let (mut r, mut w) = (start, start);
@@ -273,10 +337,28 @@ impl Dir {
                     continue;
                 }
             }
-            if let Err(v) = self.tracker.begin(&h) {
+            if let Err(v) = self.tracker.check(&h) {
                 found.violation = Some(v);
                 return (w, found);
             }
+            if let Some(p) = &mut self.policy
+                && self.flow == Flow::Forwarding
+            {
+                match p.judge(&h, now) {
+                    Verdict::Pass => {}
+                    Verdict::Hold(until) => {
+                        // Nothing from this frame on is forwarded or read past until then.
+                        let rest = buf[r..end].to_vec();
+                        self.hold_back(&rest, until, now);
+                        return (w, found);
+                    }
+                    Verdict::Close(limit) => {
+                        found.limit = Some(limit);
+                        return (w, found);
+                    }
+                }
+            }
+            self.tracker.start(&h);
             self.frames += 1;
             found.activity |= h.is_data();
             if h.opcode == OP_CLOSE {
@@ -363,6 +445,7 @@ pub(super) fn pump<S, D>(
     dst: &mut D,
     d: &mut Dir,
     keep: &mut Keep,
+    now: Instant,
     cx: &mut Context<'_>,
 ) -> Found
 where
@@ -389,6 +472,13 @@ where
         }
         if d.ended() {
             return found;
+        }
+        if let Some(h) = d.hold {
+            if now < h.until {
+                // Throttled: the client is not read, so TCP backpressure slows it down.
+                return found;
+            }
+            d.release_hold(now);
         }
         let step = SCRATCH_BUF.with(|cell| {
             let mut buf = cell.borrow_mut();
@@ -422,7 +512,7 @@ where
                 d.flush_carry();
                 return Some(());
             }
-            let (range, f) = d.ingest(&mut buf, n, keep);
+            let (range, f) = d.ingest(&mut buf, n, keep, now);
             found.merge(f);
             let mut out = &buf[range];
             while !out.is_empty() && matches!(d.sink, Sink::Open { .. }) {
@@ -440,7 +530,7 @@ where
             }
             Some(())
         });
-        if step.is_none() || found.violation.is_some() {
+        if step.is_none() || found.stops() {
             return found;
         }
     }
@@ -464,20 +554,39 @@ pub(super) fn fuzz(data: &[u8]) {
         idle_timeout: std::time::Duration::ZERO,
         max_frame_size: 1 << 16,
         max_lifetime: std::time::Duration::ZERO,
+        limits: Limits::default(),
     };
-    let mut keep = Keep::new(&settings, tokio::time::Instant::now(), 7);
+    let now = Instant::now();
+    let mut keep = Keep::new(&settings, now, 7);
     // Pretend a gateway ping is out, so candidate pongs are examined too.
     keep.pretend_ping_sent();
-    let mut d = Dir::new(from, settings.max_frame_size, Bytes::new());
+    // The top bit turns the client's policies on (small limits, so they are reached).
+    let mut d = if from == Sender::Client && sel & 0x80 != 0 {
+        let limits = Limits {
+            max_message_size: 300,
+            message_rate: 5,
+            message_burst: 3,
+            byte_rate: 1000,
+            byte_burst: 500,
+            action: if sel & 0x40 != 0 {
+                super::policy::Action::Close
+            } else {
+                super::policy::Action::Throttle
+            },
+        };
+        Dir::client(settings.max_frame_size, Bytes::new(), limits, now)
+    } else {
+        Dir::new(from, settings.max_frame_size, Bytes::new())
+    };
     let mut buf = vec![0u8; HEADROOM + SCRATCH];
     let mut forwarded = 0usize;
     for chunk in data.chunks(step) {
         buf[HEADROOM..HEADROOM + chunk.len()].copy_from_slice(chunk);
-        let (range, found) = d.ingest(&mut buf, chunk.len(), &mut keep);
+        let (range, found) = d.ingest(&mut buf, chunk.len(), &mut keep, now);
         assert!(range.start <= range.end && range.end <= HEADROOM + chunk.len());
         forwarded += range.len();
         assert!(d.carry_len <= CARRY);
-        if found.violation.is_some() {
+        if found.stops() {
             break;
         }
     }

@@ -95,6 +95,7 @@ fn settings(max: u64) -> Settings {
         idle_timeout: Duration::ZERO,
         max_frame_size: max,
         max_lifetime: Duration::ZERO,
+        limits: policy::Limits::default(),
     }
 }
 
@@ -204,6 +205,7 @@ impl Tally for Recorder {
         t.frames_down += d.frames_down;
         t.pings_sent += d.pings_sent;
         t.pongs_received += d.pongs_received;
+        t.throttled += d.throttled;
         self.sum.set(t);
     }
 }
@@ -488,4 +490,112 @@ struct NoTally;
 
 impl Tally for NoTally {
     fn add(&self, _: &Traffic) {}
+}
+
+/// Where a reference that sums payload lengths per message says the first message over `max`
+/// starts to exceed it: the index of the frame that crosses, if any. Control frames between
+/// fragments do not count.
+fn first_frame_over(frames: &[Spec], max: u64) -> Option<usize> {
+    let mut sum = 0u64;
+    for (i, f) in frames.iter().enumerate() {
+        match f.opcode {
+            frame::OP_TEXT | frame::OP_BINARY => sum = f.payload.len() as u64,
+            frame::OP_CONTINUATION => sum += f.payload.len() as u64,
+            _ => continue,
+        }
+        if sum > max {
+            return Some(i);
+        }
+    }
+    None
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn the_message_size_check_decides_as_a_reference_summing_each_message(
+        frames in messages(),
+        cuts in proptest::collection::vec(1usize..40, 1..20),
+        max in 0u64..600,
+    ) {
+        let s = Settings {
+            limits: policy::Limits {
+                max_message_size: max,
+                ..policy::Limits::default()
+            },
+            ..settings(1 << 20)
+        };
+        let bytes = encode(&frames, true);
+        let (_, b, sum) = relay(cut(&bytes, &cuts), vec![], &s);
+        // A max of 0 is "off".
+        let cross = if max == 0 { None } else { first_frame_over(&frames, max) };
+        match cross {
+            None => {
+                prop_assert_eq!(&b.written, &bytes);
+                prop_assert_eq!(sum.gateway_close, None);
+            }
+            Some(k) => {
+                let before = encode(&frames[..k], true);
+                prop_assert!(b.written.starts_with(&before), "the whole frames before it pass");
+                let rest = &b.written[before.len()..];
+                prop_assert_eq!(close_code(rest), Some(1001), "then the gateway's Close, nothing of the frame");
+                let h = parse_header(rest).unwrap();
+                prop_assert_eq!(h.header_len + h.len as usize, rest.len());
+                prop_assert_eq!(sum.gateway_close, Some(GatewayClose::Policy(policy::Limit::MessageSize)));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_throttled_client_is_not_read_until_its_bucket_refills_and_nothing_is_lost() {
+    let s = Settings {
+        limits: policy::Limits {
+            message_rate: 10,
+            message_burst: 2,
+            ..policy::Limits::default()
+        },
+        ..settings(1 << 20)
+    };
+    let frames: Vec<Spec> = (0..6)
+        .map(|i| Spec {
+            fin: true,
+            rsv: 0,
+            opcode: frame::OP_TEXT,
+            payload: format!("m{i}").into_bytes(),
+        })
+        .collect();
+    let bytes = encode(&frames, true);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let started = Instant::now();
+        let mut c = Mock::new(vec![bytes.clone()]);
+        let mut b = Mock::new(vec![]);
+        let peers = Peers {
+            client: &mut c,
+            client_prefix: Bytes::new(),
+            backend: &mut b,
+            backend_prefix: Bytes::new(),
+        };
+        let tally = Recorder::default();
+        let sum = run(peers, &s, &NoDrain, &tally, 1).await;
+        // Two at once, then one every 100 ms: the sixth waits 400 ms.
+        assert_eq!(b.written, bytes, "everything arrives, in order");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(400) && took < Duration::from_millis(500),
+            "{took:?}"
+        );
+        assert_eq!(sum.gateway_close, None);
+        assert!(
+            sum.traffic.throttled >= Duration::from_millis(300),
+            "{sum:?}"
+        );
+        assert_eq!(tally.sum.get(), sum.traffic);
+    });
 }

@@ -285,7 +285,8 @@ pub enum Seen {
 }
 
 /// A tungstenite echo backend. It echoes text and binary messages, picks the first offered
-/// subprotocol, reports what it saw, and closes with the code it is sent `close:<code>:<reason>`.
+/// subprotocol, reports what it saw, closes with the code it is sent `close:<code>:<reason>`,
+/// and answers `burst:<n>` with n messages `b0`, `b1`... of its own.
 pub struct EchoBackend {
     pub addr: SocketAddr,
     pub seen: mpsc::UnboundedReceiver<Seen>,
@@ -388,6 +389,15 @@ where
                     }
                 }
                 return;
+            }
+            Ok(Message::Text(t)) if t.starts_with("burst:") => {
+                // The backend talks on its own: N messages at once.
+                let n: usize = t[6..].parse().unwrap();
+                for i in 0..n {
+                    if ws.send(Message::text(format!("b{i}"))).await.is_err() {
+                        break;
+                    }
+                }
             }
             Ok(m @ (Message::Text(_) | Message::Binary(_))) => {
                 let _ = tx.send(Seen::Message(m.clone()));
