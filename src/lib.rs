@@ -38,6 +38,7 @@ pub mod config;
 pub mod systemd;
 
 mod admin;
+mod auth;
 mod conn;
 mod downstream;
 mod forward;
@@ -73,11 +74,21 @@ pub fn check(path: &std::path::Path) -> Vec<String> {
     };
     let (config, errors) = config::Config::parse_all(path, &text);
     let mut lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
-    // Certificates are checked even when other keys are wrong, so one run shows everything.
-    if let Some(c) = config.filter(|c| !c.server.listen.is_empty())
-        && let Err(e) = tls::server_config(&c.tls, &c.path)
-    {
-        lines.extend(e.iter().map(ToString::to_string));
+    // Certificates and key files are checked even when other keys are wrong, so one run
+    // shows everything.
+    if let Some(c) = config {
+        if !c.server.listen.is_empty()
+            && let Err(e) = tls::server_config(&c.tls, &c.path)
+        {
+            lines.extend(e.iter().map(ToString::to_string));
+        }
+        for a in &c.auth {
+            lines.extend(
+                auth::check_files(a, &c.path)
+                    .iter()
+                    .map(ToString::to_string),
+            );
+        }
     }
     lines
 }

@@ -82,6 +82,8 @@ pub(crate) struct Metrics {
     pub(crate) policy_closes: Family<PolicyLabel, Counter>,
     /// Time tunnels spent throttled by their rate limits, by route.
     pub(crate) throttled_seconds: Family<RouteLabel, Seconds>,
+    /// Tunnels closed because their credential expired, by route.
+    pub(crate) auth_expiries: Family<RouteLabel, Counter>,
     /// Refused handshakes by reason.
     pub(crate) rejections: Family<ReasonLabel, Counter>,
     /// Bytes relayed each way.
@@ -157,6 +159,7 @@ impl Metrics {
             http_requests: Family::default(),
             policy_closes: Family::default(),
             throttled_seconds: Family::default(),
+            auth_expiries: Family::default(),
             rejections: Family::default(),
             bytes: Family::default(),
             frames: Family::default(),
@@ -280,6 +283,11 @@ impl Metrics {
             "wsgate_throttled_seconds",
             "Time tunnels spent throttled by their rate limits",
             m.throttled_seconds.clone(),
+        );
+        r.register(
+            "wsgate_auth_expiries",
+            "Tunnels closed because their credential expired",
+            m.auth_expiries.clone(),
         );
         r.register(
             "wsgate_config_last_reload_successful",

@@ -59,6 +59,12 @@ pub(crate) enum Refusal {
     Origin(OriginDenied),
     /// The request body's framing is broken.
     BadBody(BodyError),
+    /// The route needs a JWT and there was none, or it did not verify.
+    Auth(AuthFailure),
+    /// The route's auth service refused (its answer is relayed instead of this one's).
+    AuthDenied,
+    /// The route's keys are not fetched yet, or its auth service failed.
+    AuthUnavailable,
     /// `max_connections` reached.
     Overloaded,
     /// The process is draining.
@@ -109,6 +115,15 @@ pub(crate) enum BodyError {
     Truncated,
 }
 
+/// Why a JWT was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AuthFailure {
+    /// No token at any of the route's sources.
+    Missing,
+    /// A token that failed this check.
+    Invalid(crate::auth::jwt::Invalid),
+}
+
 /// How a backend's 101 is invalid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BadHandshake {
@@ -130,7 +145,7 @@ pub(crate) struct Answer {
 impl Refusal {
     pub(crate) fn culprit(self) -> Culprit {
         match self {
-            Refusal::Overloaded | Refusal::Draining => Culprit::Gateway,
+            Refusal::Overloaded | Refusal::Draining | Refusal::AuthUnavailable => Culprit::Gateway,
             Refusal::BackendUnavailable
             | Refusal::BackendTimeout
             | Refusal::BadBackendHandshake(_) => Culprit::Backend,
@@ -153,6 +168,8 @@ impl Refusal {
             | Refusal::BadUpgrade(_)
             | Refusal::BadBody(_) => StatusCode::BAD_REQUEST,
             Refusal::UpgradeMethod => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::Auth(_) | Refusal::AuthDenied => StatusCode::UNAUTHORIZED,
+            Refusal::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::WebSocketVersion => StatusCode::UPGRADE_REQUIRED,
             Refusal::NoRoute => StatusCode::NOT_FOUND,
             Refusal::Origin(_) => StatusCode::FORBIDDEN,
@@ -165,7 +182,16 @@ impl Refusal {
         let headers: &'static [(&'static str, &'static str)] = match self {
             Refusal::WebSocketVersion => &[("Sec-WebSocket-Version", "13")],
             Refusal::UpgradeMethod => &[("Allow", "GET")],
-            Refusal::Overloaded | Refusal::Draining => &[("Retry-After", "5")],
+            Refusal::Overloaded | Refusal::Draining | Refusal::AuthUnavailable => {
+                &[("Retry-After", "5")]
+            }
+            Refusal::Auth(AuthFailure::Missing) => {
+                &[("WWW-Authenticate", "Bearer realm=\"wsgate\"")]
+            }
+            Refusal::Auth(AuthFailure::Invalid(_)) => &[(
+                "WWW-Authenticate",
+                "Bearer realm=\"wsgate\", error=\"invalid_token\"",
+            )],
             _ => &[],
         };
         Some(Answer {
@@ -191,6 +217,8 @@ impl Refusal {
             | Refusal::WebSocketVersion
             | Refusal::BadBody(_) => "bad_request",
             Refusal::NoRoute => "no_route",
+            Refusal::Auth(_) | Refusal::AuthDenied => "auth",
+            Refusal::AuthUnavailable => "auth_unavailable",
             Refusal::Origin(_) => "origin",
             Refusal::Overloaded => "global_cap",
             Refusal::Draining => "draining",
@@ -236,6 +264,10 @@ impl Refusal {
                 BodyError::TransferCoding => "unsupported Transfer-Encoding",
                 BodyError::Truncated => "request body ended early",
             },
+            Refusal::Auth(AuthFailure::Missing) => "authentication required",
+            Refusal::Auth(AuthFailure::Invalid(_)) => "invalid token",
+            Refusal::AuthDenied => "authentication refused",
+            Refusal::AuthUnavailable => "authentication unavailable, retry later",
             Refusal::Overloaded => "gateway at capacity, retry later",
             Refusal::Draining => "gateway shutting down",
             Refusal::BackendUnavailable => "no backend available",
@@ -251,6 +283,15 @@ impl Refusal {
                 }
                 BadHandshake::LostAfter101 => "backend connection failed after 101",
             },
+        }
+    }
+
+    /// What the log adds to the answer's words: the check a token failed (never the token).
+    pub(crate) fn detail(self) -> &'static str {
+        match self {
+            Refusal::Auth(AuthFailure::Invalid(i)) => i.as_str(),
+            Refusal::Auth(AuthFailure::Missing) => "no token",
+            _ => "",
         }
     }
 
@@ -285,12 +326,13 @@ pub(crate) fn record(shared: &Shared, r: Refusal) {
     }
     let status = r.answer().map_or(0, |a| a.status.as_u16());
     let culprit = r.culprit().as_str();
+    let detail = r.detail();
     match r.culprit() {
         Culprit::Client => {
-            tracing::info!(status, culprit, reason = r.reason(), "refused")
+            tracing::info!(status, culprit, reason = r.reason(), detail, "refused")
         }
         Culprit::Backend | Culprit::Gateway => {
-            tracing::warn!(status, culprit, reason = r.reason(), "refused")
+            tracing::warn!(status, culprit, reason = r.reason(), detail, "refused")
         }
     }
 }

@@ -1,12 +1,15 @@
 //! The one decision path every request walks, whatever carried it: admit (global cap,
 //! draining), check the target (dot segments) and, for a WebSocket Upgrade, the handshake
-//! (RFC 6455 section 4.2.1), find the route, check the Origin. The answer is a [`Decision`] or
-//! a [`Refusal`]; nothing here touches a socket, so nothing is decided anywhere else.
+//! (RFC 6455 section 4.2.1), find the route, check the Origin, then authenticate (local checks
+//! first, so a request the gateway refuses anyway costs the auth service nothing). The answer
+//! is a [`Decision`] or a refusal; nothing here touches the client's socket, so nothing is
+//! decided anywhere else.
 
 use base64::Engine;
 use http::header::{self, HeaderMap};
 use http::{Method, Version};
 
+use crate::auth::{Denied, Identity};
 use crate::config::Route;
 use crate::conn::Conn;
 use crate::reject::{Refusal, UpgradeDefect};
@@ -14,35 +17,53 @@ use crate::route::has_dot_segment;
 use crate::server::Runtime;
 use crate::upstream::headers::has_token;
 
-/// What a request that passed every check becomes.
-#[derive(Debug)]
-pub(crate) enum Decision<'r> {
-    /// A valid WebSocket Upgrade for this route.
-    Upgrade(&'r Route),
-    /// A plain request to forward on this route.
-    Forward(&'r Route),
+/// What a request is, once checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// A valid WebSocket Upgrade.
+    Upgrade,
+    /// A plain request to forward.
+    Forward,
 }
 
-/// Decides about one request.
-pub(crate) fn decide<'r>(
+/// What a request that passed every check becomes.
+#[derive(Debug)]
+pub(crate) struct Decision<'r> {
+    pub(crate) kind: Kind,
+    pub(crate) route: &'r Route,
+    /// Who it is, when the route authenticates.
+    pub(crate) identity: Identity,
+}
+
+/// Decides about one request; on admission `req` holds what the backend is to receive.
+pub(crate) async fn decide<'r>(
     conn: &Conn,
     rt: &'r Runtime,
-    req: &http::request::Parts,
-) -> Result<Decision<'r>, Refusal> {
+    req: &mut http::request::Parts,
+) -> Result<Decision<'r>, Denied> {
     if conn.permit.over_capacity {
-        return Err(Refusal::Overloaded);
+        return Err(Refusal::Overloaded.into());
     }
     if conn.shared.drain.is_draining() {
-        return Err(Refusal::Draining);
+        return Err(Refusal::Draining.into());
     }
-    route_request(rt, req)
+    let (kind, route) = route_request(rt, req)?;
+    let identity = match route.auth.and_then(|i| rt.auth.get(i)) {
+        Some(auth) => crate::auth::authenticate(conn, auth, req, kind == Kind::Upgrade).await?,
+        None => Identity::default(),
+    };
+    Ok(Decision {
+        kind,
+        route,
+        identity,
+    })
 }
 
 /// The checks that depend on the request alone (and the routes): the fuzz target drives this.
 pub(crate) fn route_request<'r>(
     rt: &'r Runtime,
     req: &http::request::Parts,
-) -> Result<Decision<'r>, Refusal> {
+) -> Result<(Kind, &'r Route), Refusal> {
     let path = req.uri.path();
     if has_dot_segment(path) {
         return Err(Refusal::DotSegment);
@@ -60,9 +81,9 @@ pub(crate) fn route_request<'r>(
             .origins
             .check(req.headers.get_all(header::ORIGIN).iter())
             .map_err(Refusal::Origin)?;
-        return Ok(Decision::Upgrade(route));
+        return Ok((Kind::Upgrade, route));
     }
-    Ok(Decision::Forward(route))
+    Ok((Kind::Forward, route))
 }
 
 /// True when the request asks for a WebSocket upgrade (an `Upgrade` header naming websocket).
@@ -124,7 +145,7 @@ pub fn fuzz_head(data: &[u8]) {
                     allowed_origins = [\"https://*.example\"]\n";
         let config = crate::config::Config::parse(std::path::Path::new("/fuzz.toml"), text)
             .expect("the fuzz configuration is valid");
-        Runtime::build(config).expect("the fuzz runtime builds")
+        Runtime::build(config, &crate::auth::jwks::Registry::default()).expect("the fuzz runtime builds")
     });
     let Ok(Some((parts, len))) = crate::downstream::head::parse_head(data, 1 << 16) else {
         return;

@@ -21,7 +21,7 @@ use crate::conn::ListenerKind;
 use crate::listener::{BindError, ListenKey, Listeners};
 use crate::route::RouteTable;
 use crate::upstream::pool::Pool;
-use crate::{admin, limits, metrics, shutdown, tls};
+use crate::{admin, auth, limits, metrics, shutdown, tls};
 
 /// Everything a new connection needs from the configuration; swapped whole on reload, while
 /// established connections and tunnels keep the snapshot they started with.
@@ -31,19 +31,42 @@ pub(crate) struct Runtime {
     pub(crate) routes: RouteTable,
     /// TLS server configuration; `None` exactly when there are no TLS listeners.
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
+    /// The authenticators, by their index in `config.auth`.
+    pub(crate) auth: Vec<auth::Authenticator>,
 }
 
 impl Runtime {
     /// Builds a runtime, loading certificates; errors cite the configuration.
-    pub(crate) fn build(config: Config) -> Result<Runtime, ConfigErrors> {
+    pub(crate) fn build(
+        config: Config,
+        keys: &auth::jwks::Registry,
+    ) -> Result<Runtime, ConfigErrors> {
+        let mut errors = Vec::new();
         let tls = if config.server.listen.is_empty() {
             None
         } else {
-            Some(tls::server_config(&config.tls, &config.path).map_err(ConfigErrors)?)
+            match tls::server_config(&config.tls, &config.path) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    errors.extend(e);
+                    None
+                }
+            }
         };
+        let mut authenticators = Vec::new();
+        for a in &config.auth {
+            match auth::Authenticator::build(a, &config.path, keys) {
+                Ok(x) => authenticators.push(x),
+                Err(e) => errors.extend(e),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
         Ok(Runtime {
             routes: RouteTable::new(&config.routes),
             tls,
+            auth: authenticators,
             config,
         })
     }
@@ -72,6 +95,8 @@ pub(crate) struct Shared {
     pub(crate) tasks: TaskTracker,
     pub(crate) listeners: Listeners,
     pub(crate) stats: Stats,
+    /// The keys fetched from every `jwks_url`, kept across reloads.
+    pub(crate) keys: auth::jwks::Registry,
     next_id: AtomicU64,
 }
 
@@ -195,7 +220,8 @@ impl std::error::Error for ReloadError {}
 impl Gateway {
     /// Loads certificates and binds every listener (their accept loops start here too).
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
-        let runtime = Runtime::build(config).map_err(StartError::Config)?;
+        let keys = auth::jwks::Registry::default();
+        let runtime = Runtime::build(config, &keys).map_err(StartError::Config)?;
         let cfg = &runtime.config;
         let admission = limits::Admission::new(&cfg.limits, cfg.server.max_connections.get());
         let admin_addr = cfg.admin.listen;
@@ -208,6 +234,7 @@ impl Gateway {
             tasks: TaskTracker::new(),
             listeners: Listeners::default(),
             stats: Stats::new(),
+            keys,
             next_id: AtomicU64::new(1),
             runtime: ArcSwap::from_pointee(runtime),
         });
@@ -321,7 +348,7 @@ impl Handle {
 
     fn apply(&self, path: &std::path::Path) -> Result<(), ReloadError> {
         let config = Config::load(path).map_err(ReloadError::Config)?;
-        let runtime = Runtime::build(config).map_err(ReloadError::Config)?;
+        let runtime = Runtime::build(config, &self.shared.keys).map_err(ReloadError::Config)?;
         let wanted = runtime.listen_keys();
         let bound = self
             .shared

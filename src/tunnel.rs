@@ -7,6 +7,7 @@ use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
+use crate::auth::Identity;
 use crate::config::Route;
 use crate::conn::{ClientStream, Conn};
 use crate::downstream::response::encode_switching;
@@ -29,6 +30,8 @@ pub(crate) struct Tunnel {
     route: String,
     /// The route's `[websocket]` settings as they were when the tunnel opened.
     settings: relay::Settings,
+    /// Who opened it, when the route authenticates.
+    identity: Identity,
 }
 
 /// How an Upgrade went.
@@ -45,6 +48,7 @@ pub(crate) struct TunnelParts {
     backend_prefix: Bytes,
     route: String,
     settings: relay::Settings,
+    identity: Identity,
 }
 
 /// Connects a backend, forwards the Upgrade, checks its answer and answers the client.
@@ -53,6 +57,7 @@ pub(crate) async fn open(
     d: &mut Downstream,
     req: http::request::Parts,
     route: &Route,
+    identity: Identity,
 ) -> Result<Opened, Refusal> {
     let label = route.label();
     conn.note_route(&label);
@@ -98,7 +103,8 @@ pub(crate) async fn open(
         backend: switched.stream,
         backend_prefix: switched.leftover,
         route: label,
-        settings: relay::Settings::from(&route.websocket),
+        settings: settings_for(route, &identity),
+        identity,
     })))
 }
 
@@ -113,6 +119,7 @@ impl Tunnel {
             backend_prefix: parts.backend_prefix,
             route: parts.route,
             settings: parts.settings,
+            identity: parts.identity,
         }
     }
 
@@ -127,6 +134,7 @@ impl Tunnel {
             backend_prefix,
             route,
             settings,
+            identity,
         } = self;
         let shared = conn.shared.clone();
         let m = &shared.metrics;
@@ -139,7 +147,8 @@ impl Tunnel {
         m.connections_open.get_or_create(&route_label).inc();
         let opened = Instant::now();
         shared.stats.tunnel_opened();
-        conn.span.in_scope(|| tracing::info!("tunnel opened"));
+        conn.span
+            .in_scope(|| tracing::info!(subject = identity.subject.as_deref(), "tunnel opened"));
         let s = relay::run(
             relay::Peers {
                 client,
@@ -162,6 +171,9 @@ impl Tunnel {
             }
             Some(GatewayClose::Idle) => {
                 m.idle_timeouts.inc();
+            }
+            Some(GatewayClose::Expired(_)) => {
+                m.auth_expiries.get_or_create(&route_label).inc();
             }
             Some(GatewayClose::Policy(l)) => {
                 policy = Some(l.as_str());
@@ -206,4 +218,13 @@ impl relay::Tally for TunnelTally<'_> {
             self.throttled.inc_by(delta.throttled.as_secs_f64());
         }
     }
+}
+
+/// The route's settings for one tunnel, with the instant its credential ends.
+fn settings_for(route: &Route, identity: &Identity) -> relay::Settings {
+    let mut s = relay::Settings::from(&route.websocket);
+    if let Some(left) = identity.remaining() {
+        s.expires = Some((Instant::now() + left, identity.expired_close_code));
+    }
+    s
 }

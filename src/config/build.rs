@@ -70,11 +70,12 @@ impl Cx<'_> {
             },
         };
         let log = self.log(raw.log);
+        let auth = self.auth(raw.auth);
         let routes = raw
             .routes
             .into_iter()
             .enumerate()
-            .filter_map(|(i, r)| self.route(i, r, &websocket))
+            .filter_map(|(i, r)| self.route(i, r, &websocket, &auth))
             .collect::<Vec<_>>();
         for (i, a) in routes.iter().enumerate() {
             if routes[..i]
@@ -97,6 +98,7 @@ impl Cx<'_> {
             upstream,
             admin,
             log,
+            auth,
             routes,
         }
     }
@@ -352,7 +354,7 @@ impl Cx<'_> {
         Log { format, level }
     }
 
-    fn route(&mut self, index: usize, r: RawRoute, ws: &WebSocket) -> Option<Route> {
+    fn route(&mut self, index: usize, r: RawRoute, ws: &WebSocket, auth: &[Auth]) -> Option<Route> {
         let base = format!("routes[{index}]");
         let errors_before = self.errors.len();
         let path = r.path.get_ref().clone();
@@ -426,11 +428,27 @@ impl Cx<'_> {
             Some(w) => self.websocket(&format!("{base}.websocket"), w, ws),
             None => ws.clone(),
         };
+        let auth = match &r.auth {
+            None => None,
+            Some(name) => match auth.iter().position(|a| a.name == *name.get_ref()) {
+                Some(i) => Some(i),
+                None => {
+                    let line = self.line(name.span());
+                    self.push(
+                        line,
+                        &format!("{base}.auth"),
+                        format!("no [[auth]] is named \"{}\"", name.get_ref()),
+                    );
+                    None
+                }
+            },
+        };
         if self.errors.len() > errors_before {
             return None;
         }
         Some(Route {
             websocket,
+            auth,
             index,
             path,
             host,
@@ -601,4 +619,375 @@ impl Cx<'_> {
             key: key.to_string(),
         }
     }
+}
+
+/// `[[auth]]` entries.
+impl Cx<'_> {
+    fn auth(&mut self, raw: Vec<Spanned<RawAuth>>) -> Vec<Auth> {
+        let mut out: Vec<Auth> = Vec::new();
+        for (i, a) in raw.into_iter().enumerate() {
+            let a = a.into_inner();
+            let base = format!("auth[{i}]");
+            let name = a.name.get_ref().trim().to_string();
+            if name.is_empty() || out.iter().any(|o| o.name == name) {
+                let line = self.line(a.name.span());
+                let msg = if name.is_empty() {
+                    "an authenticator needs a name".to_string()
+                } else {
+                    format!("\"{name}\" is defined twice")
+                };
+                self.push(line, &format!("{base}.name"), msg);
+            }
+            let kind = match a.kind.get_ref().as_str() {
+                "jwt" => {
+                    self.refuse_keys(&base, "jwt", &a.forward_keys());
+                    AuthKind::Jwt(self.jwt(&base, &a))
+                }
+                "forward" => {
+                    self.refuse_keys(&base, "forward", &a.jwt_keys());
+                    AuthKind::Forward(self.forward(&base, &a))
+                }
+                other => {
+                    let line = self.line(a.kind.span());
+                    self.push(
+                        line,
+                        &format!("{base}.type"),
+                        format!(
+                            "\"{other}\" is not an authenticator type; use \"jwt\" or \"forward\""
+                        ),
+                    );
+                    continue;
+                }
+            };
+            out.push(Auth { name, kind });
+        }
+        out
+    }
+
+    /// Keys set that belong to the other type.
+    fn refuse_keys(
+        &mut self,
+        base: &str,
+        kind: &str,
+        set: &[(&'static str, Option<Range<usize>>)],
+    ) {
+        for (key, span) in set {
+            if let Some(span) = span {
+                let line = self.line(span.clone());
+                self.push(
+                    line,
+                    &format!("{base}.{key}"),
+                    format!("not a key of type = \"{kind}\""),
+                );
+            }
+        }
+    }
+
+    fn jwt(&mut self, base: &str, a: &RawAuth) -> Jwt {
+        let k = |n: &str| format!("{base}.{n}");
+        let mut token_from = Vec::new();
+        match &a.token_from {
+            None => token_from.push(TokenSource::Header(http::header::AUTHORIZATION)),
+            Some(list) => {
+                for s in list.get_ref() {
+                    match token_source(s.get_ref()) {
+                        Ok(t) => token_from.push(t),
+                        Err(msg) => {
+                            let line = self.line(s.span());
+                            self.push(line, &k("token_from"), msg);
+                        }
+                    }
+                }
+            }
+        }
+        let keys = match (&a.jwks_file, &a.jwks_url) {
+            (Some(_), Some(u)) => {
+                let line = self.line(u.span());
+                self.push(line, &k("jwks_url"), "give jwks_file or jwks_url, not both");
+                None
+            }
+            (Some(f), None) => Some(JwksSource::File(self.path_or(
+                &k("jwks_file"),
+                &a.jwks_file,
+                &f.get_ref().clone(),
+            ))),
+            (None, Some(u)) => match u.get_ref().parse::<http::Uri>() {
+                Ok(url)
+                    if matches!(url.scheme_str(), Some("http" | "https"))
+                        && url.host().is_some() =>
+                {
+                    Some(JwksSource::Url {
+                        url,
+                        ca: a
+                            .jwks_ca
+                            .as_ref()
+                            .map(|_| self.path_or(&k("jwks_ca"), &a.jwks_ca, "")),
+                        refresh: self.duration(
+                            &k("jwks_refresh"),
+                            &a.jwks_refresh,
+                            d::JWKS_REFRESH,
+                            Zero::Invalid,
+                        ),
+                    })
+                }
+                _ => {
+                    let line = self.line(u.span());
+                    self.push(
+                        line,
+                        &k("jwks_url"),
+                        format!("\"{}\" is not an http:// or https:// URL", u.get_ref()),
+                    );
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+        if a.jwks_ca.is_some() && !matches!(keys, Some(JwksSource::Url { .. })) {
+            let line = a.jwks_ca.as_ref().map_or(0, |s| self.line(s.span()));
+            self.push(line, &k("jwks_ca"), "jwks_ca only applies with jwks_url");
+        }
+        let secret_file = a
+            .secret_file
+            .as_ref()
+            .map(|_| self.path_or(&k("secret_file"), &a.secret_file, ""));
+        let mut algorithms = Vec::new();
+        match &a.algorithms {
+            None => algorithms.extend(d::JWT_ALGORITHMS),
+            Some(list) => {
+                for s in list.get_ref() {
+                    let line = self.line(s.span());
+                    match s.get_ref().trim() {
+                        n if n.eq_ignore_ascii_case("none") => self.push(
+                            line,
+                            &k("algorithms"),
+                            "\"none\" accepts unsigned tokens; it is never allowed",
+                        ),
+                        n => match n.parse::<jsonwebtoken::Algorithm>() {
+                            Ok(alg) => algorithms.push(alg),
+                            Err(_) => self.push(
+                                line,
+                                &k("algorithms"),
+                                format!("\"{n}\" is not a JWS algorithm (RS256, ES256, EdDSA, HS256, ...)"),
+                            ),
+                        },
+                    }
+                }
+                if list.get_ref().is_empty() {
+                    let line = self.line(list.span());
+                    self.push(line, &k("algorithms"), "at least one algorithm is needed");
+                }
+            }
+        }
+        let hmac = |a: &jsonwebtoken::Algorithm| {
+            use jsonwebtoken::Algorithm::*;
+            matches!(a, HS256 | HS384 | HS512)
+        };
+        let line_of_algs = a.algorithms.as_ref().map_or(0, |l| self.line(l.span()));
+        if algorithms.iter().any(hmac) && secret_file.is_none() {
+            self.push(
+                line_of_algs,
+                &k("algorithms"),
+                "HS256, HS384 and HS512 need secret_file",
+            );
+        }
+        if algorithms.iter().any(|x| !hmac(x))
+            && keys.is_none()
+            && a.jwks_file.is_none()
+            && a.jwks_url.is_none()
+        {
+            self.push(
+                line_of_algs,
+                &k("algorithms"),
+                "public-key algorithms need jwks_file or jwks_url",
+            );
+        }
+        if keys.is_none() && secret_file.is_none() && a.jwks_file.is_none() && a.jwks_url.is_none()
+        {
+            let line = self.line(a.name.span());
+            self.push(
+                line,
+                &k("jwks_file"),
+                "give jwks_file, jwks_url or secret_file",
+            );
+        }
+        let code = match &a.expired_close_code {
+            None => d::EXPIRED_CLOSE_CODE,
+            Some(c) => {
+                let n = *c.get_ref();
+                if !(1000..=4999).contains(&n) {
+                    let line = self.line(c.span());
+                    self.push(
+                        line,
+                        &k("expired_close_code"),
+                        format!("{n} is not a close code (1000 to 4999)"),
+                    );
+                }
+                n.clamp(1000, 4999) as u16
+            }
+        };
+        let mut forward_claims = Vec::new();
+        if let Some(map) = &a.forward_claims {
+            for (claim, header) in map.get_ref() {
+                match http::HeaderName::from_bytes(header.get_ref().trim().as_bytes()) {
+                    Ok(h) => forward_claims.push((claim.clone(), h)),
+                    Err(_) => {
+                        let line = self.line(header.span());
+                        self.push(
+                            line,
+                            &k("forward_claims"),
+                            format!("\"{}\" is not a header name", header.get_ref()),
+                        );
+                    }
+                }
+            }
+        }
+        Jwt {
+            token_from,
+            keys,
+            secret_file,
+            issuer: a.issuer.as_ref().map(|s| s.get_ref().clone()),
+            audience: a
+                .audience
+                .as_ref()
+                .map(|l| l.get_ref().iter().map(|s| s.get_ref().clone()).collect())
+                .unwrap_or_default(),
+            algorithms,
+            leeway: self.duration(&k("leeway"), &a.leeway, d::JWT_LEEWAY, Zero::Disables),
+            require_exp: a.require_exp.unwrap_or(d::REQUIRE_EXP),
+            forward_claims,
+            strip_token: a.strip_token.unwrap_or(d::STRIP_TOKEN),
+            expired_close_code: code,
+        }
+    }
+
+    fn forward(&mut self, base: &str, a: &RawAuth) -> Forward {
+        let k = |n: &str| format!("{base}.{n}");
+        let url = match &a.url {
+            None => {
+                let line = self.line(a.name.span());
+                self.push(
+                    line,
+                    &k("url"),
+                    "forward auth needs the url of its auth service",
+                );
+                http::Uri::from_static("http://127.0.0.1/")
+            }
+            Some(u) => match u.get_ref().parse::<http::Uri>() {
+                Ok(url) if url.scheme_str() == Some("http") && url.host().is_some() => url,
+                _ => {
+                    let line = self.line(u.span());
+                    self.push(
+                        line,
+                        &k("url"),
+                        format!("\"{}\" is not an http:// URL", u.get_ref()),
+                    );
+                    http::Uri::from_static("http://127.0.0.1/")
+                }
+            },
+        };
+        let header =
+            |cx: &mut Self, key: &str, s: &Spanned<String>| match http::HeaderName::from_bytes(
+                s.get_ref().trim().as_bytes(),
+            ) {
+                Ok(h) => Some(h),
+                Err(_) => {
+                    let line = cx.line(s.span());
+                    cx.push(
+                        line,
+                        &k(key),
+                        format!("\"{}\" is not a header name", s.get_ref()),
+                    );
+                    None
+                }
+            };
+        let mut copy_headers = Vec::new();
+        if let Some(list) = &a.copy_headers {
+            for s in list.get_ref() {
+                if let Some(h) = header(self, "copy_headers", s) {
+                    copy_headers.push(h);
+                }
+            }
+        }
+        Forward {
+            url,
+            timeout: self.duration(
+                &k("timeout"),
+                &a.timeout,
+                d::FORWARD_AUTH_TIMEOUT,
+                Zero::Invalid,
+            ),
+            copy_headers,
+            expires_header: a
+                .expires_header
+                .as_ref()
+                .and_then(|s| header(self, "expires_header", s)),
+            subject_header: a
+                .subject_header
+                .as_ref()
+                .and_then(|s| header(self, "subject_header", s)),
+        }
+    }
+}
+
+impl RawAuth {
+    fn jwt_keys(&self) -> Vec<(&'static str, Option<Range<usize>>)> {
+        vec![
+            ("token_from", self.token_from.as_ref().map(|s| s.span())),
+            ("jwks_file", self.jwks_file.as_ref().map(|s| s.span())),
+            ("jwks_url", self.jwks_url.as_ref().map(|s| s.span())),
+            ("jwks_ca", self.jwks_ca.as_ref().map(|s| s.span())),
+            ("jwks_refresh", self.jwks_refresh.as_ref().map(|s| s.span())),
+            ("secret_file", self.secret_file.as_ref().map(|s| s.span())),
+            ("issuer", self.issuer.as_ref().map(|s| s.span())),
+            ("audience", self.audience.as_ref().map(|s| s.span())),
+            ("algorithms", self.algorithms.as_ref().map(|s| s.span())),
+            ("leeway", self.leeway.as_ref().map(|s| s.span())),
+            (
+                "forward_claims",
+                self.forward_claims.as_ref().map(|s| s.span()),
+            ),
+            (
+                "expired_close_code",
+                self.expired_close_code.as_ref().map(|s| s.span()),
+            ),
+        ]
+    }
+
+    fn forward_keys(&self) -> Vec<(&'static str, Option<Range<usize>>)> {
+        vec![
+            ("url", self.url.as_ref().map(|s| s.span())),
+            ("timeout", self.timeout.as_ref().map(|s| s.span())),
+            ("copy_headers", self.copy_headers.as_ref().map(|s| s.span())),
+            (
+                "expires_header",
+                self.expires_header.as_ref().map(|s| s.span()),
+            ),
+            (
+                "subject_header",
+                self.subject_header.as_ref().map(|s| s.span()),
+            ),
+        ]
+    }
+}
+
+/// `header:NAME`, `cookie:NAME`, `query:NAME` or `subprotocol:PREFIX`.
+fn token_source(s: &str) -> Result<TokenSource, String> {
+    let bad = || {
+        format!(
+            "\"{s}\" is not a token source; use header:NAME, cookie:NAME, query:NAME or subprotocol:PREFIX"
+        )
+    };
+    let (kind, arg) = s.split_once(':').ok_or_else(bad)?;
+    if arg.is_empty() {
+        return Err(bad());
+    }
+    Ok(match kind {
+        "header" => {
+            TokenSource::Header(http::HeaderName::from_bytes(arg.as_bytes()).map_err(|_| bad())?)
+        }
+        "cookie" => TokenSource::Cookie(arg.to_string()),
+        "query" => TokenSource::Query(arg.to_string()),
+        "subprotocol" => TokenSource::Subprotocol(arg.to_string()),
+        _ => return Err(bad()),
+    })
 }

@@ -53,6 +53,18 @@ pub(crate) const LOG_LEVEL: &str = "info";
 
 pub(crate) const ALLOW_MISSING_ORIGIN: bool = false;
 
+pub(crate) const JWKS_REFRESH: Duration = Duration::from_secs(600);
+pub(crate) const JWT_ALGORITHMS: [jsonwebtoken::Algorithm; 3] = [
+    jsonwebtoken::Algorithm::RS256,
+    jsonwebtoken::Algorithm::ES256,
+    jsonwebtoken::Algorithm::EdDSA,
+];
+pub(crate) const JWT_LEEWAY: Duration = Duration::from_secs(60);
+pub(crate) const REQUIRE_EXP: bool = true;
+pub(crate) const STRIP_TOKEN: bool = false;
+pub(crate) const EXPIRED_CLOSE_CODE: u16 = 1008;
+pub(crate) const FORWARD_AUTH_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Each key (dotted; `routes.` for keys of a `[[routes]]` entry) with its default as the
 /// README writes it: a TOML value, or words where there is no literal default.
 #[cfg(test)]
@@ -90,6 +102,27 @@ pub(crate) const DOCUMENTED: &[(&str, &str)] = &[
     ("admin.listen", r#""127.0.0.1:9090""#),
     ("log.format", r#""text""#),
     ("log.level", r#""info""#),
+    ("auth.name", "required"),
+    ("auth.type", "required"),
+    ("auth.token_from", r#"["header:Authorization"]"#),
+    ("auth.jwks_file", "none"),
+    ("auth.jwks_url", "none"),
+    ("auth.jwks_ca", "the system's roots"),
+    ("auth.jwks_refresh", r#""10m""#),
+    ("auth.secret_file", "none"),
+    ("auth.issuer", "not checked"),
+    ("auth.audience", "not checked"),
+    ("auth.algorithms", r#"["RS256", "ES256", "EdDSA"]"#),
+    ("auth.leeway", r#""60s""#),
+    ("auth.require_exp", "true"),
+    ("auth.forward_claims", "{}"),
+    ("auth.strip_token", "false"),
+    ("auth.expired_close_code", "1008"),
+    ("auth.url", "required"),
+    ("auth.timeout", r#""2s""#),
+    ("auth.copy_headers", "[]"),
+    ("auth.expires_header", "none"),
+    ("auth.subject_header", "none"),
     ("routes.path", "required"),
     ("routes.host", "any"),
     ("routes.backends", "required"),
@@ -97,4 +130,5 @@ pub(crate) const DOCUMENTED: &[(&str, &str)] = &[
     ("routes.allow_missing_origin", "false"),
     ("routes.sticky", "none"),
     ("routes.websocket", "none"),
+    ("routes.auth", "none"),
 ];

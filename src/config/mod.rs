@@ -92,6 +92,8 @@ pub struct Config {
     pub(crate) admin: Admin,
     /// `[log]`.
     pub(crate) log: Log,
+    /// `[[auth]]`, in file order; routes refer to them by index.
+    pub(crate) auth: Vec<Auth>,
     /// `[[routes]]`, in file order.
     pub(crate) routes: Vec<Route>,
 }
@@ -270,6 +272,79 @@ pub(crate) struct Route {
     pub(crate) balance: Balance,
     /// `[websocket]` with this route's `[routes.websocket]` overrides.
     pub(crate) websocket: WebSocket,
+    /// The index in [`Config::auth`] of the authenticator guarding the route.
+    pub(crate) auth: Option<usize>,
+}
+
+/// One `[[auth]]` entry.
+#[derive(Debug, Clone)]
+pub(crate) struct Auth {
+    pub(crate) name: String,
+    pub(crate) kind: AuthKind,
+}
+
+/// What an authenticator checks.
+#[derive(Debug, Clone)]
+pub(crate) enum AuthKind {
+    Jwt(Jwt),
+    Forward(Forward),
+}
+
+/// `type = "jwt"`.
+#[derive(Debug, Clone)]
+pub(crate) struct Jwt {
+    /// Where the token is looked for, in order.
+    pub(crate) token_from: Vec<TokenSource>,
+    /// Where the public keys come from (`None` with only `secret_file`).
+    pub(crate) keys: Option<JwksSource>,
+    /// The HMAC secret for HS256/384/512.
+    pub(crate) secret_file: Option<Sourced<PathBuf>>,
+    pub(crate) issuer: Option<String>,
+    /// The token's `aud` must hold one of these; empty: not checked.
+    pub(crate) audience: Vec<String>,
+    pub(crate) algorithms: Vec<jsonwebtoken::Algorithm>,
+    pub(crate) leeway: Duration,
+    pub(crate) require_exp: bool,
+    /// Claim name to the header the backend gets it in.
+    pub(crate) forward_claims: Vec<(String, http::HeaderName)>,
+    pub(crate) strip_token: bool,
+    pub(crate) expired_close_code: u16,
+}
+
+/// Where a token may be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum TokenSource {
+    /// A header's value (`Authorization`: after `Bearer `).
+    Header(http::HeaderName),
+    Cookie(String),
+    /// A query parameter, percent-decoded.
+    Query(String),
+    /// An offered `Sec-WebSocket-Protocol` entry starting with this prefix.
+    Subprotocol(String),
+}
+
+/// Where a JWT authenticator's public keys come from.
+#[derive(Debug, Clone)]
+pub(crate) enum JwksSource {
+    /// Read at start and at every reload.
+    File(Sourced<PathBuf>),
+    /// Fetched at start and every `refresh`.
+    Url {
+        url: http::Uri,
+        /// Extra roots for an https URL.
+        ca: Option<Sourced<PathBuf>>,
+        refresh: Duration,
+    },
+}
+
+/// `type = "forward"`.
+#[derive(Debug, Clone)]
+pub(crate) struct Forward {
+    pub(crate) url: http::Uri,
+    pub(crate) timeout: Duration,
+    pub(crate) copy_headers: Vec<http::HeaderName>,
+    pub(crate) expires_header: Option<http::HeaderName>,
+    pub(crate) subject_header: Option<http::HeaderName>,
 }
 
 impl Route {

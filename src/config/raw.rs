@@ -14,7 +14,55 @@ pub(super) struct Raw {
     pub(super) upstream: RawUpstream,
     pub(super) admin: RawAdmin,
     pub(super) log: RawLog,
+    pub(super) auth: Vec<Spanned<RawAuth>>,
     pub(super) routes: Vec<RawRoute>,
+}
+
+/// One `[[auth]]` entry; which keys apply depends on `type`, checked when building.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAuth {
+    pub(super) name: Spanned<String>,
+    #[serde(rename = "type")]
+    pub(super) kind: Spanned<String>,
+    #[serde(default)]
+    pub(super) token_from: Opt<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub(super) jwks_file: Opt<String>,
+    #[serde(default)]
+    pub(super) jwks_url: Opt<String>,
+    #[serde(default)]
+    pub(super) jwks_ca: Opt<String>,
+    #[serde(default)]
+    pub(super) jwks_refresh: Opt<Value>,
+    #[serde(default)]
+    pub(super) secret_file: Opt<String>,
+    #[serde(default)]
+    pub(super) issuer: Opt<String>,
+    #[serde(default)]
+    pub(super) audience: Opt<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub(super) algorithms: Opt<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub(super) leeway: Opt<Value>,
+    #[serde(default)]
+    pub(super) require_exp: Option<bool>,
+    #[serde(default)]
+    pub(super) forward_claims: Opt<std::collections::BTreeMap<String, Spanned<String>>>,
+    #[serde(default)]
+    pub(super) strip_token: Option<bool>,
+    #[serde(default)]
+    pub(super) expired_close_code: Opt<i64>,
+    #[serde(default)]
+    pub(super) url: Opt<String>,
+    #[serde(default)]
+    pub(super) timeout: Opt<Value>,
+    #[serde(default)]
+    pub(super) copy_headers: Opt<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub(super) expires_header: Opt<String>,
+    #[serde(default)]
+    pub(super) subject_header: Opt<String>,
 }
 
 pub(super) type Opt<T> = Option<Spanned<T>>;
@@ -110,4 +158,6 @@ pub(super) struct RawRoute {
     /// Any `[websocket]` key, for this route only.
     #[serde(default)]
     pub(super) websocket: Option<RawWebSocket>,
+    #[serde(default)]
+    pub(super) auth: Opt<String>,
 }

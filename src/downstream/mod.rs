@@ -16,9 +16,10 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
+use crate::auth::Denied;
 use crate::conn::{ClientStream, Conn};
 use crate::reject::{self, Refusal};
-use crate::request::{self, Decision};
+use crate::request::{self, Decision, Kind};
 use crate::tunnel::{self, Opened, Tunnel};
 use head::HeadError;
 
@@ -80,7 +81,7 @@ pub(crate) async fn serve(conn: Conn, stream: ClientStream) -> Option<Tunnel> {
                 _ = conn.shared.drain.started() => break "draining",
             }
         };
-        let parts = match head {
+        let mut parts = match head {
             Err(_) => {
                 // A client that started a head and stalled is as slow as a slowloris.
                 if first || !d.buf.is_empty() {
@@ -107,20 +108,35 @@ pub(crate) async fn serve(conn: Conn, stream: ClientStream) -> Option<Tunnel> {
         }
         requests += 1;
         let rt = conn.rt.clone();
-        let served = match request::decide(&conn, &rt, &parts) {
-            Ok(Decision::Upgrade(route)) => match tunnel::open(&conn, &mut d, parts, route).await {
+        let served = match request::decide(&conn, &rt, &mut parts).await {
+            Ok(Decision {
+                kind: Kind::Upgrade,
+                route,
+                identity,
+            }) => match tunnel::open(&conn, &mut d, parts, route, identity).await {
                 Ok(Opened::Tunnel(p)) => return Some(Tunnel::new(conn, d, *p)),
                 Ok(Opened::Answered(s)) => Ok(s),
-                Err(r) => Err(r),
+                Err(r) => Err(r.into()),
             },
-            Ok(Decision::Forward(route)) => {
-                crate::forward::exchange(&conn, &mut d, parts, route).await
-            }
-            Err(r) => Err(r),
+            Ok(Decision {
+                kind: Kind::Forward,
+                route,
+                ..
+            }) => crate::forward::exchange(&conn, &mut d, parts, route)
+                .await
+                .map_err(Denied::from),
+            Err(denied) => Err(denied),
         };
         match served {
-            Err(r) => {
-                refuse(&conn, d.stream, r).await;
+            Err(Denied {
+                refusal,
+                answer: Some(answer),
+            }) => {
+                refuse_with(&conn, d.stream, refusal, *answer).await;
+                return None;
+            }
+            Err(Denied { refusal, .. }) => {
+                refuse(&conn, d.stream, refusal).await;
                 return None;
             }
             Ok(s) => {
@@ -155,6 +171,40 @@ pub(crate) async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(conn: &Conn, strea
     if let Some(answer) = r.to_http1() {
         answer_and_close(stream, &answer).await;
     }
+}
+
+/// Counts and logs a refusal whose answer came from elsewhere (an auth service), writes that
+/// answer and closes.
+pub(crate) async fn refuse_with<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &Conn,
+    stream: S,
+    r: Refusal,
+    answer: http::Response<bytes::Bytes>,
+) {
+    {
+        let _g = conn.span.enter();
+        reject::record(&conn.shared, r);
+    }
+    let (parts, body) = answer.into_parts();
+    let mut headers = parts.headers;
+    headers.insert(
+        http::header::CONTENT_LENGTH,
+        http::HeaderValue::from(body.len()),
+    );
+    let plan = response::Plan {
+        framing: response::OutFraming::Length,
+        keep_alive: false,
+    };
+    let mut out = Vec::with_capacity(256 + body.len());
+    response::encode_head(
+        parts.status,
+        http::Version::HTTP_11,
+        &headers,
+        plan,
+        &mut out,
+    );
+    out.extend_from_slice(&body);
+    answer_and_close(stream, &out).await;
 }
 
 /// Writes `answer`, shuts the write side, reads off what the client still sends (bounded in

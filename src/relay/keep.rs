@@ -15,6 +15,8 @@ pub(super) struct Keep {
     pub(super) pong_timeout: Duration,
     pub(super) idle_timeout: Duration,
     pub(super) lifetime_end: Option<Instant>,
+    /// When the credential ends, with the client's close code.
+    pub(super) expires: Option<(Instant, u16)>,
     /// The last data frame either way.
     pub(super) last_activity: Instant,
     /// When the next ping is due; `None` with pings off.
@@ -40,6 +42,7 @@ impl Keep {
             pong_timeout: s.pong_timeout,
             idle_timeout: s.idle_timeout,
             lifetime_end: (!s.max_lifetime.is_zero()).then(|| now + s.max_lifetime),
+            expires: s.expires,
             last_activity: now,
             next_ping: (!s.ping_interval.is_zero()).then(|| now + s.ping_interval),
             pong_deadline: None,

@@ -44,6 +44,8 @@ pub(crate) struct Settings {
     pub(crate) max_lifetime: Duration,
     /// What the client may send: message size, message and byte rates.
     pub(crate) limits: policy::Limits,
+    /// When the tunnel's credential ends, and the close code the client gets then.
+    pub(crate) expires: Option<(Instant, u16)>,
 }
 
 impl From<&crate::config::WebSocket> for Settings {
@@ -65,6 +67,7 @@ impl From<&crate::config::WebSocket> for Settings {
                     crate::config::RateLimitAction::Close => policy::Action::Close,
                 },
             },
+            expires: None,
         }
     }
 }
@@ -106,6 +109,8 @@ pub(crate) enum GatewayClose {
     ClientViolation(Violation),
     /// The client broke one of its route's limits.
     Policy(Limit),
+    /// The credential the tunnel was opened with expired; the client gets this code.
+    Expired(u16),
     /// The backend broke RFC 6455.
     BackendViolation(Violation),
     /// The client's connection failed; only the backend can be told.
@@ -124,6 +129,7 @@ impl GatewayClose {
             GatewayClose::Shutdown => (1001, "going away"),
             GatewayClose::ClientViolation(v) => (v.close_code(), v.reason()),
             GatewayClose::Policy(l) => l.close(),
+            GatewayClose::Expired(code) => (code, "token expired"),
             GatewayClose::BackendViolation(_) => (1014, "bad gateway"),
             GatewayClose::ClientGone => (1001, "client gone"),
             GatewayClose::BackendGone => (1001, "backend gone"),
@@ -135,6 +141,7 @@ impl GatewayClose {
         match self {
             GatewayClose::ClientViolation(v) => (1001, v.client_reason()),
             GatewayClose::Policy(l) => (1001, l.close().1),
+            GatewayClose::Expired(_) => (1001, "token expired"),
             GatewayClose::BackendViolation(v) => (1002, v.reason()),
             other => other.client_close(),
         }
@@ -423,6 +430,10 @@ where
             && now.duration_since(self.keep.last_activity) >= self.keep.idle_timeout
         {
             self.start_close(GatewayClose::Idle, now);
+        } else if let Some((at, code)) = self.keep.expires
+            && now >= at
+        {
+            self.start_close(GatewayClose::Expired(code), now);
         } else if self.keep.lifetime_end.is_some_and(|d| now >= d) {
             self.start_close(GatewayClose::Lifetime, now);
         } else if self.drain_at.is_some_and(|d| now >= d) {
@@ -519,6 +530,7 @@ where
                 // no timer for it, or the timer would fire in a loop.
                 consider(self.keep.next_ping.filter(|p| *p > now));
                 consider(self.keep.lifetime_end);
+                consider(self.keep.expires.map(|(at, _)| at));
                 consider(self.drain_at);
                 consider(self.handshake_deadline);
                 if !self.keep.idle_timeout.is_zero() {

@@ -555,6 +555,7 @@ pub(super) fn fuzz(data: &[u8]) {
         max_frame_size: 1 << 16,
         max_lifetime: std::time::Duration::ZERO,
         limits: Limits::default(),
+        expires: None,
     };
     let now = Instant::now();
     let mut keep = Keep::new(&settings, now, 7);

@@ -96,6 +96,7 @@ fn settings(max: u64) -> Settings {
         max_frame_size: max,
         max_lifetime: Duration::ZERO,
         limits: policy::Limits::default(),
+        expires: None,
     }
 }
 
