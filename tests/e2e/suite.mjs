@@ -3,6 +3,7 @@
 // client, the step and what it saw. The last line is "N passed, M failed".
 
 import { spawn, execFileSync } from 'node:child_process';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import https from 'node:https';
 import http from 'node:http';
@@ -154,6 +155,19 @@ function ioBackend(port, name, mountPath) {
   return new Promise((resolve) => server.listen(port, '127.0.0.1', () => resolve({ server, ioServer })));
 }
 
+// An ES256 key pair, its JWKS file and a token for the guarded route, with Node's own crypto.
+function jwtFixture(dir) {
+  const { privateKey, publicKey } = crypto.generateKeyPairSync('ec', { namedCurve: 'P-256' });
+  const jwk = { ...publicKey.export({ format: 'jwk' }), kid: 'e2e', alg: 'ES256', use: 'sig' };
+  const jwks = path.join(dir, 'jwks.json');
+  fs.writeFileSync(jwks, JSON.stringify({ keys: [jwk] }));
+  const b64 = (x) => Buffer.from(x).toString('base64url');
+  const head = b64(JSON.stringify({ alg: 'ES256', typ: 'JWT', kid: 'e2e' }));
+  const body = b64(JSON.stringify({ sub: 'browser-user', exp: Math.floor(Date.now() / 1000) + 600 }));
+  const sig = crypto.sign('sha256', Buffer.from(`${head}.${body}`), { key: privateKey, dsaEncoding: 'ieee-p1363' });
+  return { jwks, token: `${head}.${body}.${b64(sig)}` };
+}
+
 function originServer(port, tls) {
   const server = https.createServer({ cert: fs.readFileSync(tls.cert), key: fs.readFileSync(tls.key) }, (req, res) => {
     res.writeHead(200, { 'content-type': 'text/html' });
@@ -203,6 +217,31 @@ async function browserCase(ctx) {
     const bad = await attempt(ctx.otherOrigin);
     check(client, 'page from another origin is refused (the page sees the failure)', !bad.opened && bad.error && bad.code === 1006, bad);
     check(client, 'the backend saw nothing of the refused page', (ctx.ws.seen['/browser'] || 0) === before, ctx.ws.seen);
+
+    // A route guarded by a JWT: a page of the allowed origin sets the token in a cookie (as a
+    // login flow would), and the browser sends it with the WebSocket request.
+    const guarded = async (token) => {
+      const page = await browser.newPage();
+      await page.goto(`https://localhost:${ctx.allowedOrigin}/`);
+      const result = await page.evaluate(async ([url, t]) => new Promise((resolve) => {
+        if (t) document.cookie = `access_token=${t}; path=/; secure; samesite=lax`;
+        const out = { opened: false, got: null, code: null, error: false };
+        const ws = new WebSocket(url);
+        ws.onopen = () => { out.opened = true; ws.send('authenticated hello'); };
+        ws.onmessage = (e) => { out.got = e.data; ws.close(1000, 'done'); };
+        ws.onerror = () => { out.error = true; };
+        ws.onclose = (e) => { out.code = e.code; resolve(out); };
+        setTimeout(() => resolve(out), 8000);
+      }), [`wss://localhost:${ctx.gwPort}/protected`, token]);
+      await page.close();
+      return result;
+    };
+    const authed = await guarded(ctx.token);
+    check(client, 'a JWT in a cookie set by the allowed origin opens the guarded route', authed.opened && authed.got === 'authenticated hello', authed);
+    const seenBefore = ctx.ws.seen['/protected'] || 0;
+    const anon = await guarded(null);
+    check(client, 'without the cookie the page sees the failure', !anon.opened && anon.error && anon.code === 1006, anon);
+    check(client, 'the backend saw nothing of the unauthenticated page', (ctx.ws.seen['/protected'] || 0) === seenBefore, ctx.ws.seen);
   } finally {
     await browser.close();
   }
@@ -327,9 +366,12 @@ async function main() {
   const origins = [await originServer(allowedOrigin, tls), await originServer(otherOrigin, tls)];
   const route = (p, backends, extra = '') =>
     `[[routes]]\npath = "${p}"\nbackends = [${backends.map((b) => `"127.0.0.1:${b}"`).join(', ')}]\n${extra}\n`;
+  const jwt = jwtFixture(dir);
   const config = `[server]\nlisten = ["127.0.0.1:${gwPort}"]\n[tls]\ncert = "${tls.cert}"\nkey = "${tls.key}"\n` +
     `[limits]\nper_ip_rate = 10000\nper_ip_burst = 10000\n[admin]\nlisten = "127.0.0.1:${adminPort}"\n` +
+    `[[auth]]\nname = "e2e"\ntype = "jwt"\njwks_file = "${jwt.jwks}"\ntoken_from = ["cookie:access_token"]\nalgorithms = ["ES256"]\n` +
     route('/browser', [wsPort], `allowed_origins = ["https://localhost:${allowedOrigin}"]`) +
+    route('/protected', [wsPort], `allowed_origins = ["https://localhost:${allowedOrigin}"]\nauth = "e2e"`) +
     route('/node', [wsPort], 'allow_missing_origin = true') +
     route('/py', [pyPort], 'allow_missing_origin = true') +
     route('/single', [ioPorts[0]], 'allow_missing_origin = true') +
@@ -339,7 +381,7 @@ async function main() {
   fs.writeFileSync(cfgPath, config);
   const gw = run(wsgateBin, ['--config', cfgPath]);
   await waitReady(adminPort);
-  const ctx = { tls, gwPort, adminPort, ws, py, allowedOrigin, otherOrigin };
+  const ctx = { tls, gwPort, adminPort, ws, py, allowedOrigin, otherOrigin, token: jwt.token };
   const cases = [['chromium', browserCase], ['node ws', nodeWsCase], ['python websockets', pythonCase],
     ['socket.io', socketIoCase], ['websocat', websocatCase]];
   for (const [name, fn] of cases) {

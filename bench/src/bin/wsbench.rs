@@ -9,7 +9,8 @@
 //!   connections (no resumption) each do the WebSocket handshake and close, CONC at a time.
 //!
 //! Results are one JSON line: counts, elapsed seconds and round-trip percentiles in µs.
-//! `CA` in the environment names the PEM the proxies' certificate is trusted through.
+//! `CA` in the environment names the PEM the proxies' certificate is trusted through; `TOKEN`,
+//! when set, is sent as `Authorization: Bearer TOKEN` with every upgrade.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -157,8 +158,16 @@ async fn open(url: &str, connector: &Connector) -> Ws {
     .await
     .expect("connect");
     let _ = tcp.set_nodelay(true);
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request().expect("request");
+    if let Ok(token) = std::env::var("TOKEN") {
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("token header"),
+        );
+    }
     let (ws, _) =
-        tokio_tungstenite::client_async_tls_with_config(url, tcp, None, Some(connector.clone()))
+        tokio_tungstenite::client_async_tls_with_config(req, tcp, None, Some(connector.clone()))
             .await
             .expect("handshake");
     ws
