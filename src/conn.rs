@@ -44,6 +44,8 @@ pub(crate) struct Conn {
     pub(crate) id: u64,
     /// The client's address: the socket's peer, or the PROXY header's source.
     pub(crate) client: SocketAddr,
+    /// The local address the connection arrived on (a PROXY header to a backend names it).
+    pub(crate) local: SocketAddr,
     pub(crate) listener: ListenerKind,
     /// When the socket was accepted.
     pub(crate) accepted: Instant,

@@ -15,14 +15,17 @@ use http_body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use crate::config::Route;
+use crate::backends::{health, sticky};
+use crate::config::Sticky;
 use crate::conn::Conn;
 use crate::downstream::body::{self, Decoder, Framing, Step};
 use crate::downstream::response::{self, BodyEnd, OutFraming};
 use crate::downstream::{Downstream, Next, Served};
 use crate::reject::{BodyError, Refusal};
+use crate::route::RouteEntry;
+use crate::upstream::DialError;
 use crate::upstream::headers::{forward_headers, has_token, origin_form};
-use crate::upstream::pool::{PooledBody, UpBody};
+use crate::upstream::pool::{PoolKey, PooledBody, UpBody};
 
 /// Room read from the client per read of a request body.
 const BODY_READ: usize = 16 * 1024;
@@ -31,12 +34,22 @@ const BODY_READ: usize = 16 * 1024;
 pub(crate) async fn exchange(
     conn: &Conn,
     d: &mut Downstream,
-    req: http::request::Parts,
-    route: &Route,
+    mut req: http::request::Parts,
+    route: &RouteEntry,
 ) -> Result<Served, Refusal> {
     let framing = body::request_framing(&req.headers).map_err(Refusal::BadBody)?;
-    conn.note_route(&route.label());
+    let label = route.label();
+    conn.note_route(&label);
     let cfg = &conn.rt.config.upstream;
+    let pick = route.pick(conn.client.ip(), &req.headers, false)?;
+    let sticky = match &route.sticky {
+        Sticky::Cookie(name) => {
+            let sent = sticky::from_request(&req.headers, name).map(str::to_string);
+            sticky::strip(&mut req.headers, name);
+            Some((name.as_str(), sent))
+        }
+        _ => None,
+    };
     let mut headers = forward_headers(&req.headers, conn.client, conn.listener.proto());
     // The gateway answers 100-continue itself when it starts reading the body.
     let expect_continue = req.version == Version::HTTP_11
@@ -49,18 +62,34 @@ pub(crate) async fn exchange(
     };
     let mut decoder = Decoder::new(framing, conn.rt.config.server.max_request_head);
     let pool = &conn.shared.pool;
-    for backend in conn.rt.routes.backends(route, conn.client.ip()) {
+    let mut refusal = Refusal::BackendUnavailable;
+    for &i in &pick.order {
+        let backend = &route.backends[i].label;
+        let key = PoolKey {
+            route: label.clone(),
+            backend: backend.clone(),
+            client: route.send_proxy_protocol.then_some(conn.id),
+        };
+        let dial = crate::tunnel::dial_for(conn, route, i);
         // A stale pooled connection may fail before the request is sent; bodiless requests
         // are retried once on a fresh one.
         for attempt in 0..2 {
-            let (mut sender, reused) = match pool.checkout(backend, cfg.connect_timeout).await {
+            let (mut sender, reused) = match pool.checkout(&key, &dial, cfg.connect_timeout).await {
                 Ok(s) => s,
                 Err(e) => {
+                    if let DialError::Tls(_) = e {
+                        refusal = Refusal::BackendTls;
+                    }
                     tracing::warn!(backend = %backend, error = %e, "backend connect failed");
+                    health::connect_failed(&conn.shared, route, &route.states[i], e.to_string());
                     break;
                 }
             };
+            if route.send_proxy_protocol {
+                d.pooled_with_proxy = true;
+            }
             conn.note_backend(backend);
+            let slot = route.states[i].request_slot();
             let abort = Arc::new(AtomicBool::new(false));
             let (tx, body) = if framing == Framing::Empty {
                 (None, UpBody::Empty)
@@ -121,10 +150,16 @@ pub(crate) async fn exchange(
                 }
                 Ok(Ok(r)) => r,
             };
-            let (parts, incoming) = resp.into_parts();
+            let (mut parts, incoming) = resp.into_parts();
             let status = parts.status;
             count(conn, route, status);
-            let body = PooledBody::new(incoming, pool.clone(), backend.clone(), sender);
+            if let Some((name, sent)) = &sticky
+                && sent.as_deref() != Some(sticky::value(&label, backend).as_str())
+                && let Some(v) = sticky::set_cookie(name, &label, backend)
+            {
+                parts.headers.append(header::SET_COOKIE, v);
+            }
+            let body = PooledBody::new(incoming, pool.clone(), key.clone(), sender, slot);
             let plan = plan_for(conn, &req, status, &parts.headers);
             let mut head = Vec::with_capacity(512);
             response::encode_head(status, req.version, &parts.headers, plan, &mut head);
@@ -157,7 +192,7 @@ pub(crate) async fn exchange(
             break;
         }
     }
-    Err(Refusal::BackendUnavailable)
+    Err(refusal)
 }
 
 fn served(next: Next, status: impl Into<u16>) -> Served {
@@ -178,7 +213,7 @@ fn plan_for(
     response::plan(&req.method, req.version, keep, status, headers)
 }
 
-fn count(conn: &Conn, route: &Route, status: StatusCode) {
+fn count(conn: &Conn, route: &RouteEntry, status: StatusCode) {
     conn.shared
         .metrics
         .http_requests

@@ -39,6 +39,7 @@ pub mod systemd;
 
 mod admin;
 mod auth;
+mod backends;
 mod conn;
 mod downstream;
 mod forward;
@@ -56,6 +57,7 @@ mod server;
 mod shutdown;
 mod tls;
 mod tunnel;
+mod tunnels;
 mod upstream;
 
 pub use server::{Activity, Gateway, Handle, ReloadError, StartError};
@@ -88,6 +90,9 @@ pub fn check(path: &std::path::Path) -> Vec<String> {
                     .iter()
                     .map(ToString::to_string),
             );
+        }
+        if let Err(e) = admin::read_token(&c) {
+            lines.push(e.to_string());
         }
     }
     lines

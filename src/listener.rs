@@ -293,6 +293,7 @@ async fn connection(a: Accepted, permit: Option<Permit>) {
         _open: OpenGauge::new(shared.clone()),
         id,
         client,
+        local: tcp.local_addr().unwrap_or(peer),
         listener: kind,
         accepted,
         permit,

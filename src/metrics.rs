@@ -64,6 +64,42 @@ pub(crate) struct PolicyLabel {
     pub(crate) policy: &'static str,
 }
 
+/// Labels of a route's backend.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct BackendLabel {
+    /// Route label.
+    pub(crate) route: String,
+    /// The backend's address as written in the configuration.
+    pub(crate) backend: String,
+}
+
+/// Labels of the health-check counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct BackendCheckLabel {
+    pub(crate) route: String,
+    pub(crate) backend: String,
+    /// `ok` or `failed`.
+    pub(crate) result: &'static str,
+}
+
+/// An `action` label of the admin counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ActionLabel {
+    pub(crate) action: &'static str,
+}
+
+/// A histogram per route, built with the tunnel-duration buckets.
+pub(crate) type DurationFamily = Family<RouteLabel, Histogram, fn() -> Histogram>;
+
+/// Tunnel lifetimes from a second to a day: kept apart from the handshake histograms, whose
+/// milliseconds they would drown.
+fn duration_histogram() -> Histogram {
+    Histogram::new([
+        1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0,
+        43200.0, 86400.0,
+    ])
+}
+
 /// A counter of seconds.
 pub(crate) type Seconds = Counter<f64, std::sync::atomic::AtomicU64>;
 
@@ -84,6 +120,16 @@ pub(crate) struct Metrics {
     pub(crate) throttled_seconds: Family<RouteLabel, Seconds>,
     /// Tunnels closed because their credential expired, by route.
     pub(crate) auth_expiries: Family<RouteLabel, Counter>,
+    /// 1 while a route's backend is up, 0 while down.
+    pub(crate) backend_up: Family<BackendLabel, Gauge>,
+    /// Open tunnels by route and backend.
+    pub(crate) backend_tunnels: Family<BackendLabel, Gauge>,
+    /// Health checks by route, backend and result.
+    pub(crate) backend_checks: Family<BackendCheckLabel, Counter>,
+    /// How long tunnels lived, by route, observed when they end.
+    pub(crate) tunnel_duration: DurationFamily,
+    /// Admin API actions by kind.
+    pub(crate) admin_actions: Family<ActionLabel, Counter>,
     /// Refused handshakes by reason.
     pub(crate) rejections: Family<ReasonLabel, Counter>,
     /// Bytes relayed each way.
@@ -160,6 +206,11 @@ impl Metrics {
             policy_closes: Family::default(),
             throttled_seconds: Family::default(),
             auth_expiries: Family::default(),
+            backend_up: Family::default(),
+            backend_tunnels: Family::default(),
+            backend_checks: Family::default(),
+            tunnel_duration: Family::new_with_constructor(duration_histogram),
+            admin_actions: Family::default(),
             rejections: Family::default(),
             bytes: Family::default(),
             frames: Family::default(),
@@ -288,6 +339,31 @@ impl Metrics {
             "wsgate_auth_expiries",
             "Tunnels closed because their credential expired",
             m.auth_expiries.clone(),
+        );
+        r.register(
+            "wsgate_backend_up",
+            "1 while a route's backend is up, 0 while health checks have it down",
+            m.backend_up.clone(),
+        );
+        r.register(
+            "wsgate_backend_tunnels_open",
+            "Open tunnels by route and backend",
+            m.backend_tunnels.clone(),
+        );
+        r.register(
+            "wsgate_backend_health_checks",
+            "Health checks by route, backend and result",
+            m.backend_checks.clone(),
+        );
+        r.register(
+            "wsgate_tunnel_duration_seconds",
+            "How long tunnels lived, observed when they end",
+            m.tunnel_duration.clone(),
+        );
+        r.register(
+            "wsgate_admin_actions",
+            "Admin API actions by kind",
+            m.admin_actions.clone(),
         );
         r.register(
             "wsgate_config_last_reload_successful",

@@ -183,6 +183,39 @@ fn parse_v2(ver_cmd: u8, fam: u8, body: &[u8], fallback: SocketAddr) -> Option<S
     }
 }
 
+/// A PROXY v2 header (`PROXY` command, TCP) naming `client` as the source and `local` as the
+/// destination; mixed families are sent as IPv6 (an IPv4 address mapped).
+pub(crate) fn encode_v2(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
+    let mut out = V2_SIG.to_vec();
+    out.push(0x21);
+    match (client.ip(), local.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            out.extend_from_slice(&[0x11, 0, 12]);
+            out.extend_from_slice(&s.octets());
+            out.extend_from_slice(&d.octets());
+        }
+        (s, d) => {
+            let v6 = |ip: IpAddr| match ip {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                IpAddr::V6(v6) => v6,
+            };
+            out.extend_from_slice(&[0x21, 0, 36]);
+            out.extend_from_slice(&v6(s).octets());
+            out.extend_from_slice(&v6(d).octets());
+        }
+    }
+    out.extend_from_slice(&client.port().to_be_bytes());
+    out.extend_from_slice(&local.port().to_be_bytes());
+    out
+}
+
+/// A PROXY v2 `LOCAL` header: a connection of the gateway's own, no client behind it.
+pub(crate) fn encode_v2_local() -> Vec<u8> {
+    let mut out = V2_SIG.to_vec();
+    out.extend_from_slice(&[0x20, 0x00, 0, 0]);
+    out
+}
+
 /// Fuzz entry: the parser never panics, never claims more bytes than it was given, and every
 /// proper prefix of an accepted header is "incomplete" (so the reader may take it whole).
 #[doc(hidden)]
@@ -259,6 +292,19 @@ mod tests {
         let mut local = V2_SIG.to_vec();
         local.extend_from_slice(&[0x20, 0x00, 0, 0]);
         assert_eq!(parse(&local, fallback()), Ok(Some((fallback(), 16))));
+    }
+
+    #[test]
+    fn encoded_headers_parse_back() {
+        let c: SocketAddr = "203.0.113.7:51000".parse().unwrap();
+        let l: SocketAddr = "10.0.0.1:443".parse().unwrap();
+        let h = encode_v2(c, l);
+        assert_eq!(parse(&h, fallback()), Ok(Some((c, h.len()))));
+        let c6: SocketAddr = "[2001:db8::7]:4242".parse().unwrap();
+        let h = encode_v2(c6, l);
+        assert_eq!(parse(&h, fallback()), Ok(Some((c6, h.len()))));
+        let h = encode_v2_local();
+        assert_eq!(parse(&h, fallback()), Ok(Some((fallback(), 16))));
     }
 
     #[test]

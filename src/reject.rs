@@ -75,6 +75,12 @@ pub(crate) enum Refusal {
     BackendTimeout,
     /// The backend answered the Upgrade with an invalid 101.
     BadBackendHandshake(BadHandshake),
+    /// Every backend of the route is down (or drained): no connect is even tried.
+    NoHealthyBackend,
+    /// Every healthy backend of the route is at its `max_tunnels`.
+    BackendFull,
+    /// The TLS handshake with the backend, or its certificate, failed.
+    BackendTls,
 }
 
 /// What is malformed in a request head.
@@ -148,7 +154,10 @@ impl Refusal {
             Refusal::Overloaded | Refusal::Draining | Refusal::AuthUnavailable => Culprit::Gateway,
             Refusal::BackendUnavailable
             | Refusal::BackendTimeout
-            | Refusal::BadBackendHandshake(_) => Culprit::Backend,
+            | Refusal::BadBackendHandshake(_)
+            | Refusal::NoHealthyBackend
+            | Refusal::BackendFull
+            | Refusal::BackendTls => Culprit::Backend,
             _ => Culprit::Client,
         }
     }
@@ -174,17 +183,20 @@ impl Refusal {
             Refusal::NoRoute => StatusCode::NOT_FOUND,
             Refusal::Origin(_) => StatusCode::FORBIDDEN,
             Refusal::Overloaded | Refusal::Draining => StatusCode::SERVICE_UNAVAILABLE,
-            Refusal::BackendUnavailable | Refusal::BadBackendHandshake(_) => {
+            Refusal::BackendUnavailable | Refusal::BadBackendHandshake(_) | Refusal::BackendTls => {
                 StatusCode::BAD_GATEWAY
             }
+            Refusal::NoHealthyBackend | Refusal::BackendFull => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::BackendTimeout => StatusCode::GATEWAY_TIMEOUT,
         };
         let headers: &'static [(&'static str, &'static str)] = match self {
             Refusal::WebSocketVersion => &[("Sec-WebSocket-Version", "13")],
             Refusal::UpgradeMethod => &[("Allow", "GET")],
-            Refusal::Overloaded | Refusal::Draining | Refusal::AuthUnavailable => {
-                &[("Retry-After", "5")]
-            }
+            Refusal::Overloaded
+            | Refusal::Draining
+            | Refusal::AuthUnavailable
+            | Refusal::NoHealthyBackend
+            | Refusal::BackendFull => &[("Retry-After", "5")],
             Refusal::Auth(AuthFailure::Missing) => {
                 &[("WWW-Authenticate", "Bearer realm=\"wsgate\"")]
             }
@@ -224,6 +236,9 @@ impl Refusal {
             Refusal::Draining => "draining",
             Refusal::BackendUnavailable | Refusal::BadBackendHandshake(_) => "backend_error",
             Refusal::BackendTimeout => "backend_timeout",
+            Refusal::NoHealthyBackend => "no_healthy_backend",
+            Refusal::BackendFull => "backend_full",
+            Refusal::BackendTls => "backend_tls",
         }
     }
 
@@ -272,6 +287,9 @@ impl Refusal {
             Refusal::Draining => "gateway shutting down",
             Refusal::BackendUnavailable => "no backend available",
             Refusal::BackendTimeout => "backend timed out",
+            Refusal::NoHealthyBackend => "no healthy backend, retry later",
+            Refusal::BackendFull => "every backend is full, retry later",
+            Refusal::BackendTls => "TLS to the backend failed",
             Refusal::BadBackendHandshake(b) => match b {
                 BadHandshake::NoUpgradeHeader => "backend's 101 lacks Upgrade: websocket",
                 BadHandshake::WrongAccept => "backend sent a wrong Sec-WebSocket-Accept",

@@ -10,9 +10,9 @@ use http::header::{self, HeaderMap};
 use http::{Method, Version};
 
 use crate::auth::{Denied, Identity};
-use crate::config::Route;
 use crate::conn::Conn;
 use crate::reject::{Refusal, UpgradeDefect};
+use crate::route::RouteEntry;
 use crate::route::has_dot_segment;
 use crate::server::Runtime;
 use crate::upstream::headers::has_token;
@@ -27,10 +27,9 @@ pub(crate) enum Kind {
 }
 
 /// What a request that passed every check becomes.
-#[derive(Debug)]
 pub(crate) struct Decision<'r> {
     pub(crate) kind: Kind,
-    pub(crate) route: &'r Route,
+    pub(crate) route: &'r RouteEntry,
     /// Who it is, when the route authenticates.
     pub(crate) identity: Identity,
 }
@@ -63,7 +62,7 @@ pub(crate) async fn decide<'r>(
 pub(crate) fn route_request<'r>(
     rt: &'r Runtime,
     req: &http::request::Parts,
-) -> Result<(Kind, &'r Route), Refusal> {
+) -> Result<(Kind, &'r RouteEntry), Refusal> {
     let path = req.uri.path();
     if has_dot_segment(path) {
         return Err(Refusal::DotSegment);
@@ -145,7 +144,15 @@ pub fn fuzz_head(data: &[u8]) {
                     allowed_origins = [\"https://*.example\"]\n";
         let config = crate::config::Config::parse(std::path::Path::new("/fuzz.toml"), text)
             .expect("the fuzz configuration is valid");
-        Runtime::build(config, &crate::auth::jwks::Registry::default()).expect("the fuzz runtime builds")
+        Runtime::build(
+            config,
+            &crate::server::Registries {
+                keys: &crate::auth::jwks::Registry::default(),
+                backends: &crate::backends::Registry::default(),
+                metrics: &crate::metrics::Metrics::new(),
+            },
+        )
+        .expect("the fuzz runtime builds")
     });
     let Ok(Some((parts, len))) = crate::downstream::head::parse_head(data, 1 << 16) else {
         return;

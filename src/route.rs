@@ -1,35 +1,115 @@
 //! Routing: the longest whole-segment path prefix (host-bound routes first on a tie), refusal
-//! of dot-segment paths, and the order in which a route's backends are tried.
+//! of dot-segment paths, and each route's entry in a snapshot: its backends' long-lived state
+//! (from [`crate::backends`]), its turn counter and its TLS client for `backend_tls`.
 
-use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 
-use crate::config::{Backend, Balance, Route};
+use crate::backends::balance::{self, Pick};
+use crate::backends::{self, BackendState, sticky};
+use crate::config::{ConfigError, Route, Sticky};
+use crate::metrics::Metrics;
+use crate::reject::Refusal;
 
-/// The routes of one configuration, with their round-robin counters.
-#[derive(Debug)]
+/// A route of one snapshot.
+pub(crate) struct RouteEntry {
+    pub(crate) route: Route,
+    /// The state of each of `route.backends`, in the same order.
+    pub(crate) states: Vec<Arc<BackendState>>,
+    /// Turns of round robin (and of ties under `least_conn`).
+    rr: AtomicUsize,
+    /// The TLS client for `backend_tls`.
+    pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl std::ops::Deref for RouteEntry {
+    type Target = Route;
+    fn deref(&self) -> &Route {
+        &self.route
+    }
+}
+
+impl RouteEntry {
+    /// The order to try the backends in for one tunnel (`tunnel`) or plain request.
+    pub(crate) fn pick(
+        &self,
+        client: IpAddr,
+        headers: &http::HeaderMap,
+        tunnel: bool,
+    ) -> Result<Pick, Refusal> {
+        let cookie = match &self.route.sticky {
+            Sticky::Cookie(name) => sticky::from_request(headers, name),
+            _ => None,
+        };
+        balance::pick(&self.route, &self.states, &self.rr, client, cookie, tunnel)
+    }
+}
+
+/// The routes of one configuration.
 pub(crate) struct RouteTable {
-    routes: Vec<(Route, AtomicUsize)>,
+    routes: Vec<RouteEntry>,
 }
 
 impl RouteTable {
-    /// Builds the table from the configured routes.
-    pub(crate) fn new(routes: &[Route]) -> Self {
-        RouteTable {
-            routes: routes
+    /// Builds the table, taking each backend's state from `registry` (the existing one for a
+    /// backend a reload keeps).
+    pub(crate) fn new(
+        routes: &[Route],
+        registry: &backends::Registry,
+        metrics: &Metrics,
+        file: &std::path::Path,
+    ) -> Result<Self, Vec<ConfigError>> {
+        let mut out = Vec::new();
+        let mut errors = Vec::new();
+        for r in routes {
+            let label = r.label();
+            let states = r
+                .backends
                 .iter()
-                .map(|r| (r.clone(), AtomicUsize::new(0)))
-                .collect(),
+                .map(|b| registry.state(&label, &b.label, &b.target, metrics))
+                .collect();
+            let tls = match &r.backend_tls {
+                None => None,
+                Some(t) => match crate::upstream::tls::client_config(
+                    t.ca.as_ref().map(|c| c.value.as_path()),
+                ) {
+                    Ok(c) => Some(c),
+                    Err(message) => {
+                        let (line, key) =
+                            t.ca.as_ref()
+                                .map_or((0, format!("routes[{}].backend_ca", r.index)), |c| {
+                                    (c.line, c.key.clone())
+                                });
+                        errors.push(ConfigError {
+                            file: file.to_path_buf(),
+                            line,
+                            key,
+                            message,
+                        });
+                        None
+                    }
+                },
+            };
+            out.push(RouteEntry {
+                route: r.clone(),
+                states,
+                rr: AtomicUsize::new(0),
+                tls,
+            });
+        }
+        if errors.is_empty() {
+            Ok(RouteTable { routes: out })
+        } else {
+            Err(errors)
         }
     }
 
     /// The route for `host` (a Host header, port allowed) and `path`, if any.
-    pub(crate) fn lookup(&self, host: Option<&str>, path: &str) -> Option<&Route> {
+    pub(crate) fn lookup(&self, host: Option<&str>, path: &str) -> Option<&RouteEntry> {
         let host = host.map(strip_port);
         self.routes
             .iter()
-            .map(|(r, _)| r)
             .filter(|r| match (&r.host, host) {
                 (None, _) => true,
                 (Some(want), Some(h)) => want.eq_ignore_ascii_case(h),
@@ -39,27 +119,9 @@ impl RouteTable {
             .max_by_key(|r| (r.path.len(), r.host.is_some(), usize::MAX - r.index))
     }
 
-    /// The route's backends in the order to try them for this client: round robin or
-    /// client-address hash first, then the rest in turn.
-    pub(crate) fn backends<'a>(
-        &self,
-        route: &'a Route,
-        client: IpAddr,
-    ) -> impl Iterator<Item = &'a Backend> + 'a {
-        let n = route.backends.len();
-        let start = match route.balance {
-            Balance::RoundRobin => self
-                .routes
-                .get(route.index)
-                .filter(|(r, _)| r.path == route.path)
-                .map_or(0, |(_, c)| c.fetch_add(1, Ordering::Relaxed)),
-            Balance::IpHash => {
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                client.hash(&mut h);
-                h.finish() as usize
-            }
-        };
-        (0..n).map(move |i| &route.backends[(start.wrapping_add(i)) % n.max(1)])
+    /// Every route, in configuration order.
+    pub(crate) fn entries(&self) -> &[RouteEntry] {
+        &self.routes
     }
 }
 
@@ -114,7 +176,9 @@ mod tests {
     use std::path::Path;
 
     fn table(text: &str) -> RouteTable {
-        RouteTable::new(&Config::parse(Path::new("/t.toml"), text).unwrap().routes)
+        let routes = Config::parse(Path::new("/t.toml"), text).unwrap().routes;
+        let registry = crate::backends::Registry::default();
+        RouteTable::new(&routes, &registry, &Metrics::new(), Path::new("/t.toml")).unwrap()
     }
 
     #[test]
@@ -163,13 +227,52 @@ mod tests {
         let t = table("[[routes]]\npath=\"/\"\nbackends=[\"a:1\",\"b:1\"]\n");
         let r = t.lookup(None, "/").unwrap();
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
-        let first: Vec<_> = t.backends(r, ip).cloned().collect();
-        let second: Vec<_> = t.backends(r, ip).cloned().collect();
+        let none = http::HeaderMap::new();
+        let first = r.pick(ip, &none, true).unwrap().order;
+        let second = r.pick(ip, &none, true).unwrap().order;
         assert_ne!(first[0], second[0]);
         assert_eq!(first.len(), 2);
         let t = table("[[routes]]\npath=\"/\"\nsticky=\"ip_hash\"\nbackends=[\"a:1\",\"b:1\"]\n");
         let r = t.lookup(None, "/").unwrap();
-        let a = t.backends(r, ip).next().cloned();
-        assert!((0..5).all(|_| t.backends(r, ip).next().cloned() == a));
+        let a = r.pick(ip, &none, true).unwrap().order[0];
+        assert!((0..5).all(|_| r.pick(ip, &none, true).unwrap().order[0] == a));
+    }
+
+    #[test]
+    fn weights_split_round_robin_and_least_conn_follows_the_counts() {
+        let t = table(
+            "[[routes]]\npath=\"/\"\nbackends=[\"a:1\", { address = \"b:1\", weight = 3 }]\n\
+             [[routes]]\npath=\"/lc\"\nbalance = \"least_conn\"\nbackends=[\"a:1\", \"b:1\"]\n",
+        );
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let none = http::HeaderMap::new();
+        let r = t.lookup(None, "/").unwrap();
+        let mut n = [0; 2];
+        for _ in 0..40 {
+            n[r.pick(ip, &none, true).unwrap().order[0]] += 1;
+        }
+        assert_eq!(n, [10, 30]);
+        let lc = t.lookup(None, "/lc").unwrap();
+        let held: Vec<_> = (0..5).map(|_| lc.states[0].tunnel_slot()).collect();
+        assert!((0..5).all(|_| lc.pick(ip, &none, true).unwrap().order[0] == 1));
+        drop(held);
+    }
+
+    #[test]
+    fn a_full_backend_takes_no_tunnel_and_all_full_is_refused() {
+        let t = table(
+            "[[routes]]\npath=\"/\"\nbackends=[{ address = \"a:1\", max_tunnels = 1 }, { address = \"b:1\", max_tunnels = 1 }]\n",
+        );
+        let r = t.lookup(None, "/").unwrap();
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let none = http::HeaderMap::new();
+        let _a = r.states[0].tunnel_slot();
+        assert_eq!(r.pick(ip, &none, true).unwrap().order, vec![1]);
+        let _b = r.states[1].tunnel_slot();
+        assert_eq!(r.pick(ip, &none, true), Err(Refusal::BackendFull));
+        assert!(
+            r.pick(ip, &none, false).is_ok(),
+            "plain requests are not capped"
+        );
     }
 }

@@ -19,9 +19,11 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, ConfigErrors};
 use crate::conn::ListenerKind;
 use crate::listener::{BindError, ListenKey, Listeners};
+use crate::relay::orders::{Order, Why};
 use crate::route::RouteTable;
+use crate::tunnels::TunnelRegistry;
 use crate::upstream::pool::Pool;
-use crate::{admin, auth, limits, metrics, shutdown, tls};
+use crate::{admin, auth, backends, limits, metrics, shutdown, tls};
 
 /// Everything a new connection needs from the configuration; swapped whole on reload, while
 /// established connections and tunnels keep the snapshot they started with.
@@ -33,15 +35,22 @@ pub(crate) struct Runtime {
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     /// The authenticators, by their index in `config.auth`.
     pub(crate) auth: Vec<auth::Authenticator>,
+    /// The admin API's bearer token (`[admin] token_file`), read with the configuration.
+    pub(crate) admin_token: Option<Vec<u8>>,
 }
 
 impl Runtime {
     /// Builds a runtime, loading certificates; errors cite the configuration.
-    pub(crate) fn build(
-        config: Config,
-        keys: &auth::jwks::Registry,
-    ) -> Result<Runtime, ConfigErrors> {
+    pub(crate) fn build(config: Config, reg: &Registries<'_>) -> Result<Runtime, ConfigErrors> {
         let mut errors = Vec::new();
+        let routes = match RouteTable::new(&config.routes, reg.backends, reg.metrics, &config.path)
+        {
+            Ok(r) => Some(r),
+            Err(e) => {
+                errors.extend(e);
+                None
+            }
+        };
         let tls = if config.server.listen.is_empty() {
             None
         } else {
@@ -55,18 +64,26 @@ impl Runtime {
         };
         let mut authenticators = Vec::new();
         for a in &config.auth {
-            match auth::Authenticator::build(a, &config.path, keys) {
+            match auth::Authenticator::build(a, &config.path, reg.keys) {
                 Ok(x) => authenticators.push(x),
                 Err(e) => errors.extend(e),
             }
         }
-        if !errors.is_empty() {
+        let admin_token = match admin::read_token(&config) {
+            Ok(t) => t,
+            Err(e) => {
+                errors.push(e);
+                None
+            }
+        };
+        let Some(routes) = routes.filter(|_| errors.is_empty()) else {
             return Err(ConfigErrors(errors));
-        }
+        };
         Ok(Runtime {
-            routes: RouteTable::new(&config.routes),
+            routes,
             tls,
             auth: authenticators,
+            admin_token,
             config,
         })
     }
@@ -79,6 +96,14 @@ impl Runtime {
             .chain(s.listen_plain.iter().map(|a| (*a, ListenerKind::Plain)))
             .collect()
     }
+}
+
+/// The long-lived state a snapshot is built against: a reload's new snapshot takes the keys
+/// and backend states the old one had, by what the configuration names.
+pub(crate) struct Registries<'a> {
+    pub(crate) keys: &'a auth::jwks::Registry,
+    pub(crate) backends: &'a backends::Registry,
+    pub(crate) metrics: &'a metrics::Metrics,
 }
 
 /// State shared by every task for the life of the process.
@@ -97,10 +122,42 @@ pub(crate) struct Shared {
     pub(crate) stats: Stats,
     /// The keys fetched from every `jwks_url`, kept across reloads.
     pub(crate) keys: auth::jwks::Registry,
+    /// Every route backend's counts, health and drain mark, kept across reloads.
+    pub(crate) backends: backends::Registry,
+    /// Every live tunnel.
+    pub(crate) tunnels: TunnelRegistry,
     next_id: AtomicU64,
 }
 
 impl Shared {
+    fn registries(&self) -> Registries<'_> {
+        Registries {
+            keys: &self.keys,
+            backends: &self.backends,
+            metrics: &self.metrics,
+        }
+    }
+
+    /// Starts the health checks of a snapshot just put in force, and forgets the backends it
+    /// no longer has.
+    fn backends_follow(self: &Arc<Self>, rt: &Runtime) {
+        let states: Vec<_> = rt
+            .routes
+            .entries()
+            .iter()
+            .flat_map(|e| e.states.iter().cloned())
+            .collect();
+        self.backends.retain(&states, &self.metrics);
+        for e in rt.routes.entries() {
+            backends::health::start_route(self, e);
+        }
+        let keep: HashSet<(String, String)> = states
+            .iter()
+            .map(|s| (s.route.clone(), s.label.clone()))
+            .collect();
+        self.pool.retain(&keep);
+    }
+
     /// A fresh connection number.
     pub(crate) fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
@@ -221,20 +278,29 @@ impl Gateway {
     /// Loads certificates and binds every listener (their accept loops start here too).
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
         let keys = auth::jwks::Registry::default();
-        let runtime = Runtime::build(config, &keys).map_err(StartError::Config)?;
+        let backends = backends::Registry::default();
+        let metrics = metrics::Metrics::new();
+        let reg = Registries {
+            keys: &keys,
+            backends: &backends,
+            metrics: &metrics,
+        };
+        let runtime = Runtime::build(config, &reg).map_err(StartError::Config)?;
         let cfg = &runtime.config;
         let admission = limits::Admission::new(&cfg.limits, cfg.server.max_connections.get());
         let admin_addr = cfg.admin.listen;
         let wanted = runtime.listen_keys();
         let shared = Arc::new(Shared {
             admission,
-            metrics: metrics::Metrics::new(),
+            metrics,
             drain: shutdown::Drain::new(),
             pool: Arc::new(Pool::default()),
             tasks: TaskTracker::new(),
             listeners: Listeners::default(),
             stats: Stats::new(),
             keys,
+            backends,
+            tunnels: TunnelRegistry::default(),
             next_id: AtomicU64::new(1),
             runtime: ArcSwap::from_pointee(runtime),
         });
@@ -243,6 +309,7 @@ impl Gateway {
             .bind_missing(&wanted)
             .map_err(|BindError { addr, error }| StartError::Bind(addr, error))?;
         shared.listeners.start(&shared, bound, &wanted);
+        shared.backends_follow(&shared.runtime.load());
         let admin = match admin_addr {
             Some(addr) => match tokio::net::TcpListener::bind(addr).await {
                 Ok(l) => {
@@ -348,7 +415,8 @@ impl Handle {
 
     fn apply(&self, path: &std::path::Path) -> Result<(), ReloadError> {
         let config = Config::load(path).map_err(ReloadError::Config)?;
-        let runtime = Runtime::build(config, &self.shared.keys).map_err(ReloadError::Config)?;
+        let runtime =
+            Runtime::build(config, &self.shared.registries()).map_err(ReloadError::Config)?;
         let wanted = runtime.listen_keys();
         let bound = self
             .shared
@@ -359,11 +427,10 @@ impl Handle {
         self.shared
             .admission
             .update(&cfg.limits, cfg.server.max_connections.get());
-        let backends: HashSet<_> = cfg.routes.iter().flat_map(|r| r.backends.iter()).collect();
-        self.shared.pool.retain(&backends);
-        drop(backends);
-        self.shared.runtime.store(Arc::new(runtime));
+        let runtime = Arc::new(runtime);
+        self.shared.runtime.store(runtime.clone());
         self.shared.listeners.start(&self.shared, bound, &wanted);
+        self.shared.backends_follow(&runtime);
         Ok(())
     }
 
@@ -372,6 +439,14 @@ impl Handle {
         if self.shared.drain.begin(grace, spread) {
             tracing::info!(grace_ms = grace.as_millis() as u64, "draining");
             self.shared.listeners.close_all();
+            for t in self.shared.tunnels.select(|_| true) {
+                if let Some(at) = self.shared.drain.close_at(t.id) {
+                    t.close(Order {
+                        at,
+                        why: Why::Shutdown,
+                    });
+                }
+            }
         }
     }
 

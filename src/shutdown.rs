@@ -1,7 +1,8 @@
 //! Draining: once SIGTERM (or a test) starts it, listeners stop, `/readyz` turns 503, plain
 //! HTTP connections finish their request, and each tunnel gets its own close instant spread
-//! over the end of the grace period, so clients do not all reconnect in the same millisecond.
-//! The window ends a little before the grace does, leaving time for the close handshakes.
+//! over the end of the grace period (posted to its mailbox), so clients do not all reconnect in
+//! the same millisecond. The window ends a little before the grace does, leaving time for the
+//! close handshakes. [`spread`] places instants in a window the same way for other closes.
 
 use std::future::Future;
 use std::sync::OnceLock;
@@ -9,8 +10,6 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-use crate::relay::DrainSignal;
 
 /// Time kept free at the end of the grace for close handshakes (at most a quarter of it).
 const CLOSE_MARGIN: Duration = Duration::from_millis(500);
@@ -59,28 +58,29 @@ impl Drain {
         self.token.cancelled()
     }
 
+    /// When tunnel `id` is to be closed, once draining began.
+    pub(crate) fn close_at(&self, id: u64) -> Option<Instant> {
+        self.plan.get().map(|_| self.tunnel_close_at(id))
+    }
+
     fn tunnel_close_at(&self, id: u64) -> Instant {
         let Some(p) = self.plan.get() else {
             return Instant::now();
         };
         let end = p.grace - CLOSE_MARGIN.min(p.grace / 4);
         let spread = p.spread.min(end);
-        let nanos = spread.as_nanos() as u64;
-        // A multiplicative hash spreads consecutive ids over the window.
-        let offset = if nanos == 0 {
-            0
-        } else {
-            id.wrapping_mul(0x9E37_79B9_7F4A_7C15) % nanos
-        };
-        p.start + (end - spread) + Duration::from_nanos(offset)
+        p.start + (end - spread) + spread_offset(id, spread)
     }
 }
 
-impl DrainSignal for Drain {
-    async fn close_at(&self, tunnel_id: u64) -> Instant {
-        self.token.cancelled().await;
-        self.tunnel_close_at(tunnel_id)
+/// Where in a window of `spread` tunnel `id` falls: a multiplicative hash spreads consecutive
+/// ids over the whole window.
+pub(crate) fn spread_offset(id: u64, spread: Duration) -> Duration {
+    let nanos = spread.as_nanos() as u64;
+    if nanos == 0 {
+        return Duration::ZERO;
     }
+    Duration::from_nanos(id.wrapping_mul(0x9E37_79B9_7F4A_7C15) % nanos)
 }
 
 #[cfg(test)]

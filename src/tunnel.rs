@@ -3,20 +3,27 @@
 //! written to the client, and then [`Tunnel::run`] relays both sockets through
 //! [`crate::relay`] with the settings of the snapshot the connection started under.
 
+use std::sync::atomic::AtomicU64;
+use std::time::SystemTime;
+
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
 use crate::auth::Identity;
-use crate::config::Route;
+use crate::backends::{TunnelSlot, health, sticky};
+use crate::config::Sticky;
 use crate::conn::{ClientStream, Conn};
 use crate::downstream::response::encode_switching;
 use crate::downstream::{Downstream, Next, Served};
 use crate::metrics::{PolicyLabel, RelayCounters, RouteLabel, Seconds};
 use crate::reject::Refusal;
+use crate::relay::orders::{Mailbox, Order, Why};
 use crate::relay::{self, GatewayClose};
+use crate::route::RouteEntry;
+use crate::tunnels::TunnelEntry;
 use crate::upstream::upgrade::{self, Answer};
-use crate::upstream::{self, BackendStream};
+use crate::upstream::{self, BackendStream, Dial, DialError, Proxy};
 
 /// An established tunnel, ready to relay.
 pub(crate) struct Tunnel {
@@ -32,6 +39,8 @@ pub(crate) struct Tunnel {
     settings: relay::Settings,
     /// Who opened it, when the route authenticates.
     identity: Identity,
+    /// Counts the tunnel toward its backend's load.
+    slot: TunnelSlot,
 }
 
 /// How an Upgrade went.
@@ -49,23 +58,34 @@ pub(crate) struct TunnelParts {
     route: String,
     settings: relay::Settings,
     identity: Identity,
+    slot: TunnelSlot,
 }
 
 /// Connects a backend, forwards the Upgrade, checks its answer and answers the client.
 pub(crate) async fn open(
     conn: &Conn,
     d: &mut Downstream,
-    req: http::request::Parts,
-    route: &Route,
+    mut req: http::request::Parts,
+    route: &RouteEntry,
     identity: Identity,
 ) -> Result<Opened, Refusal> {
     let label = route.label();
     conn.note_route(&label);
     let cfg = &conn.rt.config.upstream;
     let t0 = Instant::now();
-    let order = conn.rt.routes.backends(route, conn.client.ip());
-    let (stream, backend) = upstream::connect_any(order, cfg.connect_timeout).await?;
-    conn.note_backend(backend);
+    let pick = route.pick(conn.client.ip(), &req.headers, true)?;
+    let sticky = match &route.sticky {
+        Sticky::Cookie(name) => {
+            let sent = sticky::from_request(&req.headers, name).map(str::to_string);
+            sticky::strip(&mut req.headers, name);
+            Some((name.as_str(), sent))
+        }
+        _ => None,
+    };
+    let (i, stream) = connect(conn, route, &pick.order).await?;
+    let backend = &route.backends[i];
+    let slot = route.states[i].tunnel_slot();
+    conn.note_backend(&backend.label);
     conn.shared
         .metrics
         .backend_connect_seconds
@@ -78,7 +98,7 @@ pub(crate) async fn open(
         cfg.response_timeout,
     )
     .await?;
-    let switched = match answer {
+    let mut switched = match answer {
         Answer::Refused(resp) => {
             tracing::info!(
                 status = resp.status().as_u16(),
@@ -90,6 +110,12 @@ pub(crate) async fn open(
         }
         Answer::Switched(s) => s,
     };
+    if let Some((name, sent)) = sticky
+        && sent.as_deref() != Some(sticky::value(&label, &backend.label).as_str())
+        && let Some(v) = sticky::set_cookie(name, &label, &backend.label)
+    {
+        switched.headers.append(http::header::SET_COOKIE, v);
+    }
     let mut head = Vec::with_capacity(256);
     encode_switching(&switched.headers, &mut head);
     if d.stream.write_all(&head).await.is_err() || d.stream.flush().await.is_err() {
@@ -105,12 +131,62 @@ pub(crate) async fn open(
         route: label,
         settings: settings_for(route, &identity),
         identity,
+        slot,
     })))
+}
+
+/// How one of a route's backends is reached from a client connection.
+pub(crate) fn dial_for<'a>(conn: &Conn, route: &'a RouteEntry, i: usize) -> Dial<'a> {
+    Dial {
+        backend: &route.backends[i].target,
+        tls: route.tls.as_ref().map(|c| {
+            let name = route
+                .backend_tls
+                .as_ref()
+                .and_then(|t| t.server_name.as_deref());
+            (c, name)
+        }),
+        proxy: if route.send_proxy_protocol {
+            Proxy::Client {
+                client: conn.client,
+                local: conn.local,
+            }
+        } else {
+            Proxy::None
+        },
+    }
+}
+
+/// Connects to the first backend of `order` that accepts; a failure counts as a failed health
+/// check and moves on to the next.
+async fn connect(
+    conn: &Conn,
+    route: &RouteEntry,
+    order: &[usize],
+) -> Result<(usize, BackendStream), Refusal> {
+    let timeout = conn.rt.config.upstream.connect_timeout;
+    let mut refusal = Refusal::BackendUnavailable;
+    for &i in order {
+        let label = &route.backends[i].label;
+        match upstream::dial(&dial_for(conn, route, i), timeout).await {
+            Ok(s) => return Ok((i, s)),
+            Err(e) => {
+                if let DialError::Tls(_) = e {
+                    refusal = Refusal::BackendTls;
+                }
+                tracing::warn!(backend = %label, error = %e, "backend connect failed");
+                health::connect_failed(&conn.shared, route, &route.states[i], e.to_string());
+            }
+        }
+    }
+    Err(refusal)
 }
 
 impl Tunnel {
     pub(crate) fn new(conn: Conn, d: Downstream, parts: TunnelParts) -> Tunnel {
-        let Downstream { stream, mut buf } = d;
+        let Downstream {
+            stream, mut buf, ..
+        } = d;
         Tunnel {
             conn,
             client: stream,
@@ -120,6 +196,7 @@ impl Tunnel {
             route: parts.route,
             settings: parts.settings,
             identity: parts.identity,
+            slot: parts.slot,
         }
     }
 
@@ -135,13 +212,37 @@ impl Tunnel {
             route,
             settings,
             identity,
+            slot,
         } = self;
         let shared = conn.shared.clone();
         let m = &shared.metrics;
+        let registered = shared.tunnels.register(TunnelEntry {
+            id: conn.id,
+            client: conn.client,
+            route: route.clone(),
+            backend: slot.backend().clone(),
+            subject: identity.subject.clone(),
+            opened_at: SystemTime::now(),
+            opened: Instant::now(),
+            bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+            frames_up: AtomicU64::new(0),
+            frames_down: AtomicU64::new(0),
+            mailbox: Mailbox::default(),
+        });
+        let entry = &registered.entry;
+        // A drain that began while the tunnel was being set up has not seen it.
+        if let Some(at) = shared.drain.close_at(conn.id) {
+            entry.close(Order {
+                at,
+                why: Why::Shutdown,
+            });
+        }
         let route_label = RouteLabel { route };
         let tally = TunnelTally {
             relay: &m.relay,
             throttled: m.throttled_seconds.get_or_create(&route_label).clone(),
+            entry,
         };
         m.connections_total.get_or_create(&route_label).inc();
         m.connections_open.get_or_create(&route_label).inc();
@@ -157,12 +258,15 @@ impl Tunnel {
                 backend_prefix,
             },
             &settings,
-            &shared.drain,
+            &entry.mailbox,
             &tally,
             conn.id,
         )
         .await;
         m.connections_open.get_or_create(&route_label).dec();
+        m.tunnel_duration
+            .get_or_create(&route_label)
+            .observe(opened.elapsed().as_secs_f64());
         m.close(s.close_code, s.closed_by.as_str());
         let mut policy = None;
         match s.gateway_close {
@@ -209,11 +313,14 @@ impl Tunnel {
 struct TunnelTally<'a> {
     relay: &'a RelayCounters,
     throttled: Seconds,
+    /// The tunnel's own counters, as the admin API lists them.
+    entry: &'a TunnelEntry,
 }
 
 impl relay::Tally for TunnelTally<'_> {
     fn add(&self, delta: &relay::Traffic) {
         relay::Tally::add(self.relay, delta);
+        crate::tunnels::add(self.entry, delta);
         if !delta.throttled.is_zero() {
             self.throttled.inc_by(delta.throttled.as_secs_f64());
         }
@@ -221,7 +328,7 @@ impl relay::Tally for TunnelTally<'_> {
 }
 
 /// The route's settings for one tunnel, with the instant its credential ends.
-fn settings_for(route: &Route, identity: &Identity) -> relay::Settings {
+fn settings_for(route: &RouteEntry, identity: &Identity) -> relay::Settings {
     let mut s = relay::Settings::from(&route.websocket);
     if let Some(left) = identity.remaining() {
         s.expires = Some((Instant::now() + left, identity.expired_close_code));

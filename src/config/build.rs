@@ -62,13 +62,29 @@ impl Cx<'_> {
                 Zero::Invalid,
             ),
         };
-        let admin = Admin {
-            listen: match &raw.admin.listen {
-                None => d::ADMIN_LISTEN.parse().ok(),
-                Some(s) if s.get_ref().trim().is_empty() => None,
-                Some(s) => self.addr("admin.listen", s),
-            },
+        let listen = match &raw.admin.listen {
+            None => d::ADMIN_LISTEN.parse().ok(),
+            Some(s) if s.get_ref().trim().is_empty() => None,
+            Some(s) => self.addr("admin.listen", s),
         };
+        let token_file = raw
+            .admin
+            .token_file
+            .as_ref()
+            .map(|_| self.path_or("admin.token_file", &raw.admin.token_file, ""));
+        // /tunnels shows client addresses: never beyond loopback without the token.
+        if let Some(a) = listen
+            && !a.ip().is_loopback()
+            && token_file.is_none()
+        {
+            let line = raw.admin.listen.as_ref().map_or(0, |s| self.line(s.span()));
+            self.push(
+                line,
+                "admin.listen",
+                format!("{a} is not a loopback address: set admin.token_file too"),
+            );
+        }
+        let admin = Admin { listen, token_file };
         let log = self.log(raw.log);
         let auth = self.auth(raw.auth);
         let routes = raw
@@ -317,6 +333,12 @@ impl Cx<'_> {
                 0..=(1 << 40),
             ),
             rate_limit_action: action,
+            max_lifetime_jitter: self.duration(
+                &k("max_lifetime_jitter"),
+                &r.max_lifetime_jitter,
+                base.max_lifetime_jitter,
+                Zero::Disables,
+            ),
         }
     }
 
@@ -388,7 +410,15 @@ impl Cx<'_> {
             );
         }
         for b in r.backends.get_ref() {
-            match self.backend(b.get_ref()) {
+            match self.backend_entry(b.get_ref()) {
+                Ok(be) if backends.iter().any(|x: &BackendConf| x.label == be.label) => {
+                    let line = self.line(b.span());
+                    self.push(
+                        line,
+                        &format!("{base}.backends"),
+                        format!("{} is listed twice", be.label),
+                    );
+                }
                 Ok(be) => backends.push(be),
                 Err(msg) => {
                     let line = self.line(b.span());
@@ -408,22 +438,98 @@ impl Cx<'_> {
                 }
             }
         }
-        let balance = match &r.sticky {
-            None => Balance::RoundRobin,
-            Some(s) => match s.get_ref().as_str() {
-                "ip_hash" => Balance::IpHash,
-                "" | "none" => Balance::RoundRobin,
-                other => {
-                    let line = self.line(s.span());
+        let balance = match self.choice(
+            &format!("{base}.balance"),
+            &r.balance,
+            &["round_robin", "least_conn"],
+        ) {
+            Some("least_conn") => Balance::LeastConn,
+            _ => Balance::RoundRobin,
+        };
+        let cookie = r
+            .sticky_cookie
+            .as_ref()
+            .map_or(d::STICKY_COOKIE.to_string(), |c| {
+                c.get_ref().trim().to_string()
+            });
+        if cookie.is_empty()
+            || !cookie
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+        {
+            let line = r.sticky_cookie.as_ref().map_or(0, |c| self.line(c.span()));
+            self.push(
+                line,
+                &format!("{base}.sticky_cookie"),
+                format!("\"{cookie}\" is not a cookie name (letters, digits, _ - .)"),
+            );
+        }
+        let sticky = match self.choice(&format!("{base}.sticky"), &r.sticky, &["ip_hash", "cookie"])
+        {
+            Some("ip_hash") => Sticky::IpHash,
+            Some("cookie") => Sticky::Cookie(cookie),
+            _ => Sticky::None,
+        };
+        let backend_tls = if r.backend_tls.unwrap_or(false) {
+            if backends
+                .iter()
+                .any(|b| matches!(b.target, Backend::Unix(_)))
+            {
+                let line = self.line(r.backends.span());
+                self.push(
+                    line,
+                    &format!("{base}.backend_tls"),
+                    "backend_tls is for TCP backends; a unix: socket is local",
+                );
+            }
+            Some(BackendTls {
+                ca: r
+                    .backend_ca
+                    .as_ref()
+                    .map(|_| self.path_or(&format!("{base}.backend_ca"), &r.backend_ca, "")),
+                server_name: r
+                    .backend_server_name
+                    .as_ref()
+                    .map(|s| s.get_ref().trim().to_string()),
+            })
+        } else {
+            for (key, set) in [
+                ("backend_ca", r.backend_ca.as_ref().map(|s| s.span())),
+                (
+                    "backend_server_name",
+                    r.backend_server_name.as_ref().map(|s| s.span()),
+                ),
+            ] {
+                if let Some(span) = set {
+                    let line = self.line(span);
                     self.push(
                         line,
-                        &format!("{base}.sticky"),
-                        format!("\"{other}\" is not a stickiness mode; use \"ip_hash\""),
+                        &format!("{base}.{key}"),
+                        "only applies with backend_tls = true",
                     );
-                    Balance::RoundRobin
                 }
-            },
+            }
+            None
         };
+        let send_proxy_protocol = self
+            .choice(
+                &format!("{base}.send_proxy_protocol"),
+                &r.send_proxy_protocol,
+                &["v2"],
+            )
+            .is_some();
+        let on_backend_down = match self.choice(
+            &format!("{base}.on_backend_down"),
+            &r.on_backend_down,
+            &["keep", "close"],
+        ) {
+            Some("close") => OnDown::Close,
+            _ => OnDown::Keep,
+        };
+        let health = r
+            .health
+            .as_ref()
+            .map(|h| self.health(&format!("{base}.health"), h));
         let websocket = match &r.websocket {
             Some(w) => self.websocket(&format!("{base}.websocket"), w, ws),
             None => ws.clone(),
@@ -458,7 +564,125 @@ impl Cx<'_> {
                 r.allow_missing_origin.unwrap_or(d::ALLOW_MISSING_ORIGIN),
             ),
             balance,
+            sticky,
+            backend_tls,
+            send_proxy_protocol,
+            on_backend_down,
+            health,
         })
+    }
+
+    /// A string key that must be one of `allowed`; `None` when absent (or wrong, reported).
+    fn choice(
+        &mut self,
+        key: &str,
+        v: &Opt<String>,
+        allowed: &[&'static str],
+    ) -> Option<&'static str> {
+        let s = v.as_ref()?;
+        match allowed.iter().find(|a| **a == s.get_ref().trim()) {
+            Some(a) => Some(*a),
+            None => {
+                let line = self.line(s.span());
+                let list: Vec<String> = allowed.iter().map(|a| format!("\"{a}\"")).collect();
+                self.push(
+                    line,
+                    key,
+                    format!("\"{}\" is not one of {}", s.get_ref(), list.join(", ")),
+                );
+                None
+            }
+        }
+    }
+
+    fn health(&mut self, base: &str, h: &RawHealth) -> Health {
+        let k = |n: &str| format!("{base}.{n}");
+        let path = h.path.as_ref().map(|p| {
+            let v = p.get_ref().trim().to_string();
+            if !v.starts_with('/') || v.contains(' ') {
+                let line = self.line(p.span());
+                self.push(line, &k("path"), format!("\"{v}\" is not a request path"));
+            }
+            v
+        });
+        let interval = self.duration(
+            &k("interval"),
+            &h.interval,
+            d::HEALTH_INTERVAL,
+            Zero::Invalid,
+        );
+        let timeout = self.duration(&k("timeout"), &h.timeout, d::HEALTH_TIMEOUT, Zero::Invalid);
+        Health {
+            path,
+            interval,
+            timeout,
+            healthy_threshold: self.count(
+                &k("healthy_threshold"),
+                &h.healthy_threshold,
+                d::HEALTHY_THRESHOLD,
+                1,
+                100,
+            ) as u32,
+            unhealthy_threshold: self.count(
+                &k("unhealthy_threshold"),
+                &h.unhealthy_threshold,
+                d::UNHEALTHY_THRESHOLD,
+                1,
+                100,
+            ) as u32,
+        }
+    }
+
+    /// One entry of `backends`: an address string, or a table with `address`, `weight` and
+    /// `max_tunnels`.
+    fn backend_entry(&self, v: &Value) -> Result<BackendConf, String> {
+        match v {
+            Value::String(s) => Ok(BackendConf {
+                target: self.backend(s)?,
+                label: s.trim().to_string(),
+                weight: 1,
+                max_tunnels: 0,
+            }),
+            Value::Table(t) => {
+                let mut conf = None;
+                let (mut weight, mut max_tunnels) = (1u32, 0u32);
+                for (key, value) in t {
+                    match (key.as_str(), value) {
+                        ("address", Value::String(s)) => {
+                            conf = Some((self.backend(s)?, s.trim().to_string()))
+                        }
+                        ("weight", Value::Integer(n)) if (1..=1000).contains(n) => {
+                            weight = *n as u32
+                        }
+                        ("weight", other) => {
+                            return Err(format!("weight {other} is out of range (1 to 1000)"));
+                        }
+                        ("max_tunnels", Value::Integer(n)) if (0..=u32::MAX as i64).contains(n) => {
+                            max_tunnels = *n as u32
+                        }
+                        ("max_tunnels", other) => {
+                            return Err(format!("max_tunnels {other} is not a count"));
+                        }
+                        (other, _) => {
+                            return Err(format!(
+                                "unknown backend key \"{other}\"; use address, weight, max_tunnels"
+                            ));
+                        }
+                    }
+                }
+                let (target, label) = conf.ok_or("a backend table needs an address")?;
+                Ok(BackendConf {
+                    target,
+                    label,
+                    weight,
+                    max_tunnels,
+                })
+            }
+            other => Err(format!(
+                "expected \"host:port\", \"unix:/path\" or a table, found {}",
+                other.type_str()
+            )),
+        }
     }
 
     fn backend(&self, s: &str) -> Result<Backend, String> {

@@ -42,6 +42,7 @@ pub(crate) fn websocket() -> super::WebSocket {
         client_byte_rate: 0,
         client_byte_burst: 0,
         rate_limit_action: super::RateLimitAction::Throttle,
+        max_lifetime_jitter: Duration::ZERO,
     }
 }
 
@@ -52,6 +53,11 @@ pub(crate) const ADMIN_LISTEN: &str = "127.0.0.1:9090";
 pub(crate) const LOG_LEVEL: &str = "info";
 
 pub(crate) const ALLOW_MISSING_ORIGIN: bool = false;
+pub(crate) const STICKY_COOKIE: &str = "wsgate_sticky";
+pub(crate) const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+pub(crate) const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const HEALTHY_THRESHOLD: i64 = 2;
+pub(crate) const UNHEALTHY_THRESHOLD: i64 = 3;
 
 pub(crate) const JWKS_REFRESH: Duration = Duration::from_secs(600);
 pub(crate) const JWT_ALGORITHMS: [jsonwebtoken::Algorithm; 3] = [
@@ -97,9 +103,11 @@ pub(crate) const DOCUMENTED: &[(&str, &str)] = &[
     ("websocket.client_byte_rate", "0"),
     ("websocket.client_byte_burst", "the rate"),
     ("websocket.rate_limit_action", r#""throttle""#),
+    ("websocket.max_lifetime_jitter", r#""0s""#),
     ("upstream.connect_timeout", r#""5s""#),
     ("upstream.response_timeout", r#""60s""#),
     ("admin.listen", r#""127.0.0.1:9090""#),
+    ("admin.token_file", "none"),
     ("log.format", r#""text""#),
     ("log.level", r#""info""#),
     ("auth.name", "required"),
@@ -129,6 +137,19 @@ pub(crate) const DOCUMENTED: &[(&str, &str)] = &[
     ("routes.allowed_origins", "[]"),
     ("routes.allow_missing_origin", "false"),
     ("routes.sticky", "none"),
+    ("routes.balance", r#""round_robin""#),
+    ("routes.sticky_cookie", r#""wsgate_sticky""#),
+    ("routes.backend_tls", "false"),
+    ("routes.backend_ca", "the system's roots"),
+    ("routes.backend_server_name", "the backend's host"),
+    ("routes.send_proxy_protocol", "none"),
+    ("routes.on_backend_down", r#""keep""#),
+    ("routes.health", "none"),
+    ("routes.health.path", "a TCP connect"),
+    ("routes.health.interval", r#""5s""#),
+    ("routes.health.timeout", r#""2s""#),
+    ("routes.health.healthy_threshold", "2"),
+    ("routes.health.unhealthy_threshold", "3"),
     ("routes.websocket", "none"),
     ("routes.auth", "none"),
 ];

@@ -8,6 +8,8 @@ pub(crate) mod defaults;
 mod raw;
 mod units;
 
+pub(crate) use units::parse_duration;
+
 use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
@@ -183,6 +185,8 @@ pub(crate) struct WebSocket {
     pub(crate) client_byte_burst: u64,
     /// What an exhausted rate does.
     pub(crate) rate_limit_action: RateLimitAction,
+    /// Each tunnel's `max_lifetime` is shortened by a random amount up to this.
+    pub(crate) max_lifetime_jitter: Duration,
 }
 
 /// `rate_limit_action`.
@@ -206,8 +210,11 @@ pub(crate) struct Upstream {
 /// `[admin]`: the metrics and health listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Admin {
-    /// Where to serve `/metrics`, `/healthz`, `/readyz`; `None` disables it.
+    /// Where to serve `/metrics`, `/healthz`, `/readyz`, the API and the status page; `None`
+    /// disables it.
     pub(crate) listen: Option<SocketAddr>,
+    /// The file holding the bearer token the API needs.
+    pub(crate) token_file: Option<Sourced<PathBuf>>,
 }
 
 /// Log output format.
@@ -249,10 +256,58 @@ impl fmt::Display for Backend {
 /// How a route spreads clients over its backends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Balance {
-    /// Each connection or request takes the next backend.
+    /// Each connection or request takes the next backend, in proportion to the weights.
     RoundRobin,
-    /// A hash of the client address picks the backend, so a client keeps its backend.
+    /// The backend with the fewest open tunnels plus requests in flight, per unit of weight.
+    LeastConn,
+}
+
+/// What keeps a client on one backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Sticky {
+    None,
+    /// A hash of the client address picks the backend.
     IpHash,
+    /// A cookie of this name names the backend (an opaque keyed hash of its address).
+    Cookie(String),
+}
+
+/// One entry of a route's `backends`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BackendConf {
+    pub(crate) target: Backend,
+    /// The address as written: the `backend` label of metrics and the admin API.
+    pub(crate) label: String,
+    pub(crate) weight: u32,
+    /// Open tunnels at most; zero is no cap.
+    pub(crate) max_tunnels: u32,
+}
+
+/// `backend_tls` with its roots and name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BackendTls {
+    pub(crate) ca: Option<Sourced<PathBuf>>,
+    /// SNI and the name verified; `None`: each backend's host.
+    pub(crate) server_name: Option<String>,
+}
+
+/// What a backend marked down does to its open tunnels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OnDown {
+    Keep,
+    /// Close 1012, spread over `[server] drain_spread`.
+    Close,
+}
+
+/// `[routes.health]`: active checks of the route's backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Health {
+    /// HTTP GET expecting 2xx; `None`: a TCP connect is the check.
+    pub(crate) path: Option<String>,
+    pub(crate) interval: Duration,
+    pub(crate) timeout: Duration,
+    pub(crate) healthy_threshold: u32,
+    pub(crate) unhealthy_threshold: u32,
 }
 
 /// One `[[routes]]` entry.
@@ -265,11 +320,17 @@ pub(crate) struct Route {
     /// Lower-case host without port, when the route is bound to one.
     pub(crate) host: Option<String>,
     /// Backends in the order given.
-    pub(crate) backends: Vec<Backend>,
+    pub(crate) backends: Vec<BackendConf>,
     /// Origin allowlist and the missing-Origin rule.
     pub(crate) origins: OriginPolicy,
     /// Backend choice.
     pub(crate) balance: Balance,
+    pub(crate) sticky: Sticky,
+    pub(crate) backend_tls: Option<BackendTls>,
+    /// Each backend connection starts with a PROXY v2 header naming the client.
+    pub(crate) send_proxy_protocol: bool,
+    pub(crate) on_backend_down: OnDown,
+    pub(crate) health: Option<Health>,
     /// `[websocket]` with this route's `[routes.websocket]` overrides.
     pub(crate) websocket: WebSocket,
     /// The index in [`Config::auth`] of the authenticator guarding the route.

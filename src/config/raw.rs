@@ -18,6 +18,17 @@ pub(super) struct Raw {
     pub(super) routes: Vec<RawRoute>,
 }
 
+/// `[routes.health]`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawHealth {
+    pub(super) path: Opt<String>,
+    pub(super) interval: Opt<Value>,
+    pub(super) timeout: Opt<Value>,
+    pub(super) healthy_threshold: Opt<i64>,
+    pub(super) unhealthy_threshold: Opt<i64>,
+}
+
 /// One `[[auth]]` entry; which keys apply depends on `type`, checked when building.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -121,6 +132,7 @@ pub(super) struct RawWebSocket {
     pub(super) client_byte_rate: Opt<Value>,
     pub(super) client_byte_burst: Opt<Value>,
     pub(super) rate_limit_action: Opt<String>,
+    pub(super) max_lifetime_jitter: Opt<Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -134,6 +146,7 @@ pub(super) struct RawUpstream {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawAdmin {
     pub(super) listen: Opt<String>,
+    pub(super) token_file: Opt<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -148,7 +161,24 @@ pub(super) struct RawLog {
 pub(super) struct RawRoute {
     pub(super) path: Spanned<String>,
     pub(super) host: Opt<String>,
-    pub(super) backends: Spanned<Vec<Spanned<String>>>,
+    /// `host:port`, `unix:/path`, or `{ address, weight, max_tunnels }`.
+    pub(super) backends: Spanned<Vec<Spanned<Value>>>,
+    #[serde(default)]
+    pub(super) balance: Opt<String>,
+    #[serde(default)]
+    pub(super) sticky_cookie: Opt<String>,
+    #[serde(default)]
+    pub(super) backend_tls: Option<bool>,
+    #[serde(default)]
+    pub(super) backend_ca: Opt<String>,
+    #[serde(default)]
+    pub(super) backend_server_name: Opt<String>,
+    #[serde(default)]
+    pub(super) send_proxy_protocol: Opt<String>,
+    #[serde(default)]
+    pub(super) on_backend_down: Opt<String>,
+    #[serde(default)]
+    pub(super) health: Option<RawHealth>,
     #[serde(default)]
     pub(super) allowed_origins: Opt<Vec<Spanned<String>>>,
     #[serde(default)]

@@ -34,6 +34,9 @@ pub(crate) struct Downstream {
     /// Bytes read past the last request head: the start of its body, pipelined requests.
     /// Emptied and unallocated while the connection waits for its next request.
     pub(crate) buf: BytesMut,
+    /// Pooled backend connections were opened with a PROXY header naming this client: they
+    /// are dropped with the connection.
+    pub(crate) pooled_with_proxy: bool,
 }
 
 /// What the connection does after a request was answered.
@@ -58,6 +61,7 @@ pub(crate) async fn serve(conn: Conn, stream: ClientStream) -> Option<Tunnel> {
     let mut d = Downstream {
         stream,
         buf: BytesMut::new(),
+        pooled_with_proxy: false,
     };
     let server = &conn.rt.config.server;
     let limit = server.max_request_head;
@@ -148,6 +152,9 @@ pub(crate) async fn serve(conn: Conn, stream: ClientStream) -> Option<Tunnel> {
         }
     };
     log_close(&conn, requests, last_status, end);
+    if d.pooled_with_proxy {
+        conn.shared.pool.forget_client(conn.id);
+    }
     None
 }
 

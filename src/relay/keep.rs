@@ -41,7 +41,9 @@ impl Keep {
             ping_interval: s.ping_interval,
             pong_timeout: s.pong_timeout,
             idle_timeout: s.idle_timeout,
-            lifetime_end: (!s.max_lifetime.is_zero()).then(|| now + s.max_lifetime),
+            lifetime_end: (!s.max_lifetime.is_zero()).then(|| {
+                now + s.max_lifetime - jitter(s.max_lifetime_jitter, id).min(s.max_lifetime)
+            }),
             expires: s.expires,
             last_activity: now,
             next_ping: (!s.ping_interval.is_zero()).then(|| now + s.ping_interval),
@@ -73,4 +75,26 @@ impl Keep {
     pub(super) fn pretend_ping_sent(&mut self) {
         self.next_token();
     }
+}
+
+/// A random share of `up_to` for tunnel `id`: tunnels opened together do not all reach their
+/// lifetime together. Seeded once from the OS, then a splitmix64 step per tunnel (no system
+/// call on the handshake path).
+fn jitter(up_to: Duration, id: u64) -> Duration {
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let nanos = up_to.as_nanos() as u64;
+    if nanos == 0 {
+        return Duration::ZERO;
+    }
+    let seed = *SEED.get_or_init(|| {
+        let mut b = [0u8; 8];
+        let rng = rustls::crypto::ring::default_provider().secure_random;
+        let _ = rng.fill(&mut b);
+        u64::from_le_bytes(b)
+    });
+    let mut z = seed ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    Duration::from_nanos(z % (nanos + 1))
 }

@@ -9,10 +9,11 @@
 
 pub(crate) mod frame;
 mod keep;
+pub(crate) mod orders;
 pub(crate) mod policy;
 mod pump;
 
-use std::future::Future;
+use std::borrow::Cow;
 use std::pin::{Pin, pin};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -23,6 +24,7 @@ use tokio::time::{Instant, Sleep};
 
 use frame::{ControlFrame, OP_PING, Sender, Violation};
 use keep::Keep;
+use orders::{Order, Orders, Why};
 use policy::Limit;
 use pump::{CloseSpec, Dir, Flow, Found, pump};
 
@@ -42,6 +44,8 @@ pub(crate) struct Settings {
     pub(crate) max_frame_size: u64,
     /// Tunnel age bound; zero disables.
     pub(crate) max_lifetime: Duration,
+    /// The age bound is shortened by a random amount up to this, per tunnel.
+    pub(crate) max_lifetime_jitter: Duration,
     /// What the client may send: message size, message and byte rates.
     pub(crate) limits: policy::Limits,
     /// When the tunnel's credential ends, and the close code the client gets then.
@@ -56,6 +60,7 @@ impl From<&crate::config::WebSocket> for Settings {
             idle_timeout: w.idle_timeout,
             max_frame_size: w.max_frame_size,
             max_lifetime: w.max_lifetime,
+            max_lifetime_jitter: w.max_lifetime_jitter,
             limits: policy::Limits {
                 max_message_size: w.max_message_size,
                 message_rate: w.client_message_rate,
@@ -95,7 +100,7 @@ impl Side {
 }
 
 /// Why the gateway closed a tunnel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum GatewayClose {
     /// No pong to a gateway ping within `pong_timeout`.
     PingTimeout,
@@ -105,6 +110,10 @@ pub(crate) enum GatewayClose {
     Lifetime,
     /// The process is draining.
     Shutdown,
+    /// Its backend went down or is being drained: the client should reconnect elsewhere.
+    Restart,
+    /// An operator closed it with this code and reason.
+    Operator { code: u16, reason: Box<str> },
     /// The client broke RFC 6455 or the frame size limit.
     ClientViolation(Violation),
     /// The client broke one of its route's limits.
@@ -121,28 +130,34 @@ pub(crate) enum GatewayClose {
 
 impl GatewayClose {
     /// Code and reason sent to the client.
-    pub(crate) fn client_close(self) -> (u16, &'static str) {
+    pub(crate) fn client_close(&self) -> (u16, Cow<'static, str>) {
+        let s = |code, r: &'static str| (code, Cow::Borrowed(r));
         match self {
-            GatewayClose::PingTimeout => (1001, "ping timeout"),
-            GatewayClose::Idle => (1001, "idle timeout"),
-            GatewayClose::Lifetime => (1001, "max lifetime"),
-            GatewayClose::Shutdown => (1001, "going away"),
-            GatewayClose::ClientViolation(v) => (v.close_code(), v.reason()),
-            GatewayClose::Policy(l) => l.close(),
-            GatewayClose::Expired(code) => (code, "token expired"),
-            GatewayClose::BackendViolation(_) => (1014, "bad gateway"),
-            GatewayClose::ClientGone => (1001, "client gone"),
-            GatewayClose::BackendGone => (1001, "backend gone"),
+            GatewayClose::PingTimeout => s(1001, "ping timeout"),
+            GatewayClose::Idle => s(1001, "idle timeout"),
+            GatewayClose::Lifetime => s(1001, "max lifetime"),
+            GatewayClose::Shutdown => s(1001, "going away"),
+            GatewayClose::Restart => s(1012, "service restart"),
+            GatewayClose::Operator { code, reason } => (*code, Cow::Owned(reason.to_string())),
+            GatewayClose::ClientViolation(v) => s(v.close_code(), v.reason()),
+            GatewayClose::Policy(l) => s(l.close().0, l.close().1),
+            GatewayClose::Expired(code) => s(*code, "token expired"),
+            GatewayClose::BackendViolation(_) => s(1014, "bad gateway"),
+            GatewayClose::ClientGone => s(1001, "client gone"),
+            GatewayClose::BackendGone => s(1001, "backend gone"),
         }
     }
 
     /// Code and reason sent (masked) to the backend.
-    pub(crate) fn backend_close(self) -> (u16, &'static str) {
+    pub(crate) fn backend_close(&self) -> (u16, Cow<'static, str>) {
+        let s = |code, r: &'static str| (code, Cow::Borrowed(r));
         match self {
-            GatewayClose::ClientViolation(v) => (1001, v.client_reason()),
-            GatewayClose::Policy(l) => (1001, l.close().1),
-            GatewayClose::Expired(_) => (1001, "token expired"),
-            GatewayClose::BackendViolation(v) => (1002, v.reason()),
+            GatewayClose::ClientViolation(v) => s(1001, v.client_reason()),
+            GatewayClose::Policy(l) => s(1001, l.close().1),
+            GatewayClose::Expired(_) => s(1001, "token expired"),
+            GatewayClose::Restart => s(1001, "service restart"),
+            GatewayClose::Operator { reason, .. } => (1001, Cow::Owned(reason.to_string())),
+            GatewayClose::BackendViolation(v) => s(1002, v.reason()),
             other => other.client_close(),
         }
     }
@@ -203,12 +218,6 @@ pub(crate) trait Tally {
     fn add(&self, delta: &Traffic);
 }
 
-/// Something that tells a tunnel when to close because the process is draining.
-pub(crate) trait DrainSignal {
-    /// Resolves when draining begins, with the instant this tunnel is to be closed.
-    fn close_at(&self, tunnel_id: u64) -> impl Future<Output = Instant> + '_;
-}
-
 /// The two connections of a tunnel and the bytes each side sent past the handshake (relayed
 /// first).
 pub(crate) struct Peers<C, B> {
@@ -220,17 +229,17 @@ pub(crate) struct Peers<C, B> {
 
 /// Relays both peers until both directions are done. Traffic goes to `tally` at the end of
 /// every pass that moved something (a few relaxed atomic adds per wake-up).
-pub(crate) async fn run<C, B, D, T>(
+pub(crate) async fn run<C, B, O, T>(
     peers: Peers<C, B>,
     settings: &Settings,
-    drain: &D,
+    orders: &O,
     tally: &T,
     tunnel_id: u64,
 ) -> Summary
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
-    D: DrainSignal,
+    O: Orders,
     T: Tally,
 {
     let now = Instant::now();
@@ -246,16 +255,15 @@ where
         down: Dir::new(Sender::Backend, 0, peers.backend_prefix),
         keep: Keep::new(settings, now, tunnel_id),
         phase: Phase::Open,
-        drain_at: None,
+        scheduled: None,
         first_close: None,
         first_eof: None,
         handshake_deadline: None,
         reported: Traffic::default(),
     };
     let mut sleep = pin!(tokio::time::sleep_until(t.next_wakeup(now)));
-    let mut drain_fut = pin!(drain.close_at(tunnel_id));
     std::future::poll_fn(|cx| {
-        let r = t.poll(cx, sleep.as_mut(), drain_fut.as_mut());
+        let r = t.poll(cx, sleep.as_mut(), orders);
         let now = t.traffic();
         if now != t.reported {
             tally.add(&now.since(&t.reported));
@@ -268,7 +276,7 @@ where
 }
 
 /// Where a tunnel is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Phase {
     /// Relaying; the peers may close it between themselves.
     Open,
@@ -289,7 +297,8 @@ struct Relay<C, B> {
     down: Dir,
     keep: Keep,
     phase: Phase,
-    drain_at: Option<Instant>,
+    /// The earliest order taken so far (a drain, a backend going down, an operator).
+    scheduled: Option<Order>,
     /// Which side sent the first Close frame (while `Open`).
     first_close: Option<Side>,
     /// Which side's connection ended first without a Close frame.
@@ -305,16 +314,16 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    fn poll<F: Future<Output = Instant>>(
+    fn poll<O: Orders>(
         &mut self,
         cx: &mut Context<'_>,
         mut sleep: Pin<&mut Sleep>,
-        drain: Pin<&mut F>,
+        orders: &O,
     ) -> Poll<()> {
-        if self.drain_at.is_none()
-            && let Poll::Ready(at) = drain.poll(cx)
-        {
-            self.drain_at = Some(at);
+        while let Poll::Ready(o) = orders.poll_order(cx) {
+            if self.scheduled.as_ref().is_none_or(|s| o.at < s.at) {
+                self.scheduled = Some(o);
+            }
         }
         loop {
             let now = Instant::now();
@@ -436,8 +445,18 @@ where
             self.start_close(GatewayClose::Expired(code), now);
         } else if self.keep.lifetime_end.is_some_and(|d| now >= d) {
             self.start_close(GatewayClose::Lifetime, now);
-        } else if self.drain_at.is_some_and(|d| now >= d) {
-            self.start_close(GatewayClose::Shutdown, now);
+        } else if let Some(o) = &self.scheduled
+            && now >= o.at
+        {
+            let why = match &o.why {
+                Why::Shutdown => GatewayClose::Shutdown,
+                Why::Restart => GatewayClose::Restart,
+                Why::Operator { code, reason } => GatewayClose::Operator {
+                    code: *code,
+                    reason: reason.clone(),
+                },
+            };
+            self.start_close(why, now);
         } else if let Some(p) = self.keep.next_ping
             && now >= p
             && self.down.tracker.at_boundary()
@@ -463,6 +482,10 @@ where
         if let Phase::Closing { .. } = self.phase {
             return;
         }
+        let (cc, cr) = why.client_close();
+        let (bc, br) = why.backend_close();
+        let client_gone = why == GatewayClose::ClientGone;
+        let backend_gone = why == GatewayClose::BackendGone;
         self.phase = Phase::Closing {
             why,
             deadline: now + CLOSE_WAIT,
@@ -470,11 +493,9 @@ where
         // Closing ends throttling: what the client sent is read (and discarded) again, so its
         // answering Close is seen.
         self.up.release_hold(now);
-        let (cc, cr) = why.client_close();
-        let (bc, br) = why.backend_close();
         // Frames to the client are unmasked; frames to the backend are masked since wsgate is
         // its client.
-        if why != GatewayClose::ClientGone && !self.down.sink_failed() {
+        if !client_gone && !self.down.sink_failed() {
             self.down.flow = Flow::Closing(CloseSpec {
                 code: cc,
                 reason: cr,
@@ -483,7 +504,7 @@ where
         } else {
             self.down.stop();
         }
-        if why != GatewayClose::BackendGone && !self.up.sink_failed() {
+        if !backend_gone && !self.up.sink_failed() {
             self.up.flow = Flow::Closing(CloseSpec {
                 code: bc,
                 reason: br,
@@ -531,7 +552,7 @@ where
                 consider(self.keep.next_ping.filter(|p| *p > now));
                 consider(self.keep.lifetime_end);
                 consider(self.keep.expires.map(|(at, _)| at));
-                consider(self.drain_at);
+                consider(self.scheduled.as_ref().map(|o| o.at));
                 consider(self.handshake_deadline);
                 if !self.keep.idle_timeout.is_zero() {
                     consider(Some(self.keep.last_activity + self.keep.idle_timeout));
@@ -557,7 +578,7 @@ where
     }
 
     fn summary(&self) -> Summary {
-        let (closed_by, code, reason, gateway_close) = match self.phase {
+        let (closed_by, code, reason, gateway_close) = match &self.phase {
             Phase::Closing { why, .. } => {
                 let (c, r) = why.client_close();
                 let reason = match why {
@@ -568,10 +589,10 @@ where
                         format!("client protocol error: {}", v.reason())
                     }
                     GatewayClose::Policy(l) => format!("policy {}: {}", l.as_str(), r),
-                    _ => r.to_string(),
+                    _ => r.into_owned(),
                 };
-                let code = (why != GatewayClose::ClientGone).then_some(c);
-                (Side::Gateway, code, reason, Some(why))
+                let code = (*why != GatewayClose::ClientGone).then_some(c);
+                (Side::Gateway, code, reason, Some(why.clone()))
             }
             Phase::Open => match self.first_close {
                 Some(Side::Client) => (

@@ -30,10 +30,10 @@ thread_local! {
 
 /// A Close frame the gateway sends: code, reason, and the mask for frames to the backend. It is
 /// encoded only when sent, so an open tunnel does not carry the encoded frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct CloseSpec {
     pub(super) code: u16,
-    pub(super) reason: &'static str,
+    pub(super) reason: std::borrow::Cow<'static, str>,
     pub(super) mask: Option<[u8; 4]>,
 }
 
@@ -48,7 +48,7 @@ pub(super) enum Source {
 }
 
 /// What happens to the frames read from the source.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Flow {
     /// Frames pass.
     Forwarding,
@@ -251,10 +251,11 @@ impl Dir {
 
     /// At a boundary of a closing flow, queues its Close and stops; true when one was queued.
     pub(super) fn inject_close(&mut self) -> bool {
-        if let Flow::Closing(c) = self.flow
+        if let Flow::Closing(c) = &self.flow
             && self.tracker.at_boundary()
         {
-            self.queue(frame::ControlFrame::close(c.code, c.reason, c.mask).bytes());
+            let f = frame::ControlFrame::close(c.code, &c.reason, c.mask);
+            self.queue(f.bytes());
             self.flow = Flow::Stopped;
             return true;
         }
@@ -554,6 +555,7 @@ pub(super) fn fuzz(data: &[u8]) {
         idle_timeout: std::time::Duration::ZERO,
         max_frame_size: 1 << 16,
         max_lifetime: std::time::Duration::ZERO,
+        max_lifetime_jitter: std::time::Duration::ZERO,
         limits: Limits::default(),
         expires: None,
     };

@@ -80,11 +80,12 @@ impl AsyncWrite for Mock {
     }
 }
 
+/// No orders ever come.
 struct NoDrain;
 
-impl DrainSignal for NoDrain {
-    async fn close_at(&self, _: u64) -> Instant {
-        std::future::pending().await
+impl Orders for NoDrain {
+    fn poll_order(&self, _: &mut Context<'_>) -> Poll<Order> {
+        Poll::Pending
     }
 }
 
@@ -95,6 +96,7 @@ fn settings(max: u64) -> Settings {
         idle_timeout: Duration::ZERO,
         max_frame_size: max,
         max_lifetime: Duration::ZERO,
+        max_lifetime_jitter: Duration::ZERO,
         limits: policy::Limits::default(),
         expires: None,
     }

@@ -1,6 +1,7 @@
 //! Keep-alive connections to backends for plain HTTP: a connection is checked out for one
 //! request, handed back once its response body has been read to the end, dropped after a minute
-//! unused, and dropped at once when a reload removes its backend.
+//! unused, and dropped at once when a reload removes its backend. Connections that began with a
+//! PROXY header naming one client serve only that client's connection.
 
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
@@ -16,8 +17,6 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-
-use crate::config::Backend;
 
 /// Idle pooled connections per backend at most.
 const MAX_IDLE: usize = 64;
@@ -94,21 +93,32 @@ impl Body for UpBody {
 /// A pooled connection and when it was last released.
 type Idle = (SendRequest<UpBody>, Instant);
 
+/// What a pooled connection can be reused for: the same backend of the same route (its TLS
+/// and PROXY settings come from the route), and, when it began with a PROXY header, the same
+/// client connection.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct PoolKey {
+    pub(crate) route: String,
+    pub(crate) backend: String,
+    pub(crate) client: Option<u64>,
+}
+
 /// Keep-alive connections to backends.
 #[derive(Default)]
 pub(crate) struct Pool {
-    idle: Mutex<HashMap<Backend, Vec<Idle>>>,
+    idle: Mutex<HashMap<PoolKey, Vec<Idle>>>,
 }
 
 impl Pool {
-    /// An idle connection to `backend` (second value true), or a new one.
+    /// An idle connection for `key` (second value true), or a new one dialled with `dial`.
     pub(crate) async fn checkout(
         &self,
-        backend: &Backend,
+        key: &PoolKey,
+        dial: &super::Dial<'_>,
         timeout: Duration,
-    ) -> std::io::Result<(SendRequest<UpBody>, bool)> {
+    ) -> Result<(SendRequest<UpBody>, bool), super::DialError> {
         loop {
-            let candidate = self.lock().get_mut(backend).and_then(|v| v.pop());
+            let candidate = self.lock().get_mut(key).and_then(|v| v.pop());
             let Some((mut s, since)) = candidate else {
                 break;
             };
@@ -119,35 +129,41 @@ impl Pool {
                 return Ok((s, true));
             }
         }
-        let stream = super::connect(backend, timeout).await?;
+        let stream = super::dial(dial, timeout).await?;
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .preserve_header_case(true)
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(std::io::Error::other)?;
+            .map_err(|e| super::DialError::Connect(std::io::Error::other(e)))?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
         Ok((sender, false))
     }
 
-    /// Drops the idle connections of backends not in `keep` (a reload removed them).
-    pub(crate) fn retain(&self, keep: &HashSet<&Backend>) {
-        self.lock().retain(|b, _| keep.contains(b));
+    /// Drops the idle connections of route backends not in `keep` (a reload removed them).
+    pub(crate) fn retain(&self, keep: &HashSet<(String, String)>) {
+        self.lock()
+            .retain(|k, _| keep.contains(&(k.route.clone(), k.backend.clone())));
     }
 
-    fn put(&self, backend: Backend, sender: SendRequest<UpBody>) {
+    /// Drops the idle connections that began with a PROXY header for client connection `id`.
+    pub(crate) fn forget_client(&self, id: u64) {
+        self.lock().retain(|k, _| k.client != Some(id));
+    }
+
+    fn put(&self, key: PoolKey, sender: SendRequest<UpBody>) {
         if sender.is_closed() {
             return;
         }
         let mut m = self.lock();
-        let v = m.entry(backend).or_default();
+        let v = m.entry(key).or_default();
         if v.len() < MAX_IDLE {
             v.push((sender, Instant::now()));
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Backend, Vec<Idle>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Vec<Idle>>> {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -155,26 +171,31 @@ impl Pool {
 /// A backend response body that hands its connection back to the pool once fully read.
 pub(crate) struct PooledBody {
     inner: Incoming,
-    back: Option<(Arc<Pool>, Backend, SendRequest<UpBody>)>,
+    back: Option<(Arc<Pool>, PoolKey, SendRequest<UpBody>)>,
+    /// The request counts toward its backend's load until its answer has been read.
+    _slot: Option<crate::backends::RequestSlot>,
 }
 
 impl PooledBody {
     pub(crate) fn new(
         inner: Incoming,
         pool: Arc<Pool>,
-        backend: Backend,
+        key: PoolKey,
         s: SendRequest<UpBody>,
+        slot: crate::backends::RequestSlot,
     ) -> Self {
         PooledBody {
             inner,
-            back: Some((pool, backend, s)),
+            back: Some((pool, key, s)),
+            _slot: Some(slot),
         }
     }
 
     fn release(&mut self) {
-        if let Some((pool, backend, sender)) = self.back.take() {
-            pool.put(backend, sender);
+        if let Some((pool, key, sender)) = self.back.take() {
+            pool.put(key, sender);
         }
+        self._slot = None;
     }
 }
 

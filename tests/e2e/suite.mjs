@@ -145,8 +145,13 @@ function wsBackend(port) {
   return { wss, seen };
 }
 
+// Every Cookie header any Socket.IO backend received, polling requests and upgrades alike.
+const ioCookies = [];
+
 function ioBackend(port, name, mountPath) {
   const server = http.createServer();
+  server.prependListener('request', (req) => { if (req.headers.cookie) ioCookies.push(req.headers.cookie); });
+  server.prependListener('upgrade', (req) => { if (req.headers.cookie) ioCookies.push(req.headers.cookie); });
   const ioServer = new IoServer(server, { path: mountPath });
   ioServer.on('connection', (socket) => {
     socket.emit('welcome', { from: name });
@@ -247,6 +252,53 @@ async function browserCase(ctx) {
   }
 }
 
+// The admin status page in Chromium: it lists the open tunnels once the token is entered, and
+// the close button of one tunnel delivers that tunnel's Close frame to its client.
+async function statusPageCase(ctx) {
+  const client = 'status page';
+  const open = async () => {
+    const ws = new WebSocket(`wss://localhost:${ctx.gwPort}/watched`, { ca: fs.readFileSync(ctx.tls.ca) });
+    await withTimeout(new Promise((resolve, reject) => { ws.once('open', resolve); ws.once('error', reject); }), 10000, 'open');
+    const echoed = new Promise((resolve) => ws.once('message', resolve));
+    ws.send('watched');
+    await withTimeout(echoed, 5000, 'echo');
+    const closed = new Promise((resolve) => ws.once('close', (code, reason) => resolve({ code, reason: reason.toString() })));
+    return { ws, port: ws._socket.localPort, closed };
+  };
+  const tunnels = [await open(), await open(), await open()];
+  const browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    headless: true,
+    args: ['--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
+      '--disable-component-update', '--disable-sync'],
+  });
+  try {
+    const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+    await page.goto(`http://127.0.0.1:${ctx.adminPort}/`);
+    const note = await page.locator('#tunnels').textContent();
+    check(client, 'without the token the page lists no tunnels', note.includes('enter the admin token'), note);
+    await page.fill('#token', ctx.adminToken);
+    await page.press('#token', 'Enter');
+    const target = tunnels[1];
+    const row = page.locator('#tunnels tr', { hasText: `127.0.0.1:${target.port}` });
+    await row.waitFor({ timeout: 10000 });
+    const listed = await page.locator('#tunnels tr', { hasText: '/watched' }).count();
+    check(client, 'with the token the page lists the open tunnels', listed === tunnels.length, listed);
+    const backends = await page.locator('#routes').textContent();
+    check(client, 'the route shows its backend and state', backends.includes(`127.0.0.1:${ctx.wsPort}`) && backends.includes('up'), backends);
+    if (process.env.E2E_SCREENSHOT) await page.screenshot({ path: process.env.E2E_SCREENSHOT, fullPage: true });
+    await row.locator('button', { hasText: 'close' }).click();
+    const got = await withTimeout(target.closed, 10000, 'the Close from the page');
+    check(client, 'closing from the page delivers that tunnel\'s Close frame', got.code === 1000 && got.reason === 'closed from the status page', got);
+    const others = await Promise.race([Promise.any([tunnels[0].closed, tunnels[2].closed]), sleep(500).then(() => null)]);
+    check(client, 'the other tunnels stay open', others === null, others);
+    await page.close();
+  } finally {
+    await browser.close();
+    for (const t of tunnels) t.ws.terminate();
+  }
+}
+
 async function nodeWsCase(ctx) {
   const client = 'node ws';
   const url = `wss://localhost:${ctx.gwPort}/node`;
@@ -287,12 +339,14 @@ async function pythonCase(ctx) {
   check(client, 'backend saw the client close code 4000 and its reason', line && line.includes('client bye'), ctx.py.lines);
 }
 
-async function socketIoConnect(ctx, mount, ms) {
+async function socketIoConnect(ctx, mount, ms, withCredentials = false) {
   const socket = ioClient(`https://localhost:${ctx.gwPort}`, {
     path: mount,
     ca: fs.readFileSync(ctx.tls.ca),
     reconnection: false,
     timeout: ms,
+    // A cookie jar per client, as a browser keeps one: the sticky cookie travels with it.
+    withCredentials,
   });
   const state = { welcome: null, upgraded: false, error: null, ack: null };
   socket.on('welcome', (w) => { state.welcome = w; });
@@ -324,6 +378,12 @@ async function socketIoCase(ctx) {
   const rr = await socketIoConnect(ctx, '/rr/socket.io/', 4000);
   check(client, 'two backends without stickiness: the session breaks (polling requests reach different backends)',
     !(rr.upgraded && rr.ack && rr.ack.echo), rr);
+  const sessions = await Promise.all(Array.from({ length: 20 }, () => socketIoConnect(ctx, '/cookie/socket.io/', 10000, true)));
+  const working = sessions.filter((t) => t.upgraded && t.welcome && t.ack && t.ack.from === t.welcome.from);
+  check(client, 'sticky = "cookie": 20 concurrent sessions from one address all poll, upgrade and exchange events', working.length === 20, sessions.filter((t) => !working.includes(t)));
+  const spread = new Set(sessions.map((t) => t.welcome && t.welcome.from));
+  check(client, 'sticky = "cookie": the sessions are spread over both backends', spread.size === 2, [...spread]);
+  check(client, 'sticky = "cookie": no backend ever saw the sticky cookie', !ioCookies.some((c) => c.includes('wsgate_sticky')), ioCookies.slice(0, 5));
 }
 
 async function websocatCase() {
@@ -352,7 +412,7 @@ async function main() {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'wsgate-e2e-'));
   const tls = certificates(dir);
   const [gwPort, adminPort, wsPort, pyPort, allowedOrigin, otherOrigin, ...ioPorts] = await Promise.all(
-    Array.from({ length: 11 }, freePort));
+    Array.from({ length: 13 }, freePort));
   const ws = wsBackend(wsPort);
   const py = run(python, [path.join(here, 'py_case.py'), 'serve', String(pyPort)]);
   await py.waitLine((l) => l.includes('ready'), 15000, 'python backend');
@@ -362,28 +422,35 @@ async function main() {
     await ioBackend(ioPorts[2], 'sticky-b', '/sticky/socket.io/'),
     await ioBackend(ioPorts[3], 'rr-a', '/rr/socket.io/'),
     await ioBackend(ioPorts[4], 'rr-b', '/rr/socket.io/'),
+    await ioBackend(ioPorts[5], 'cookie-a', '/cookie/socket.io/'),
+    await ioBackend(ioPorts[6], 'cookie-b', '/cookie/socket.io/'),
   ];
   const origins = [await originServer(allowedOrigin, tls), await originServer(otherOrigin, tls)];
   const route = (p, backends, extra = '') =>
     `[[routes]]\npath = "${p}"\nbackends = [${backends.map((b) => `"127.0.0.1:${b}"`).join(', ')}]\n${extra}\n`;
   const jwt = jwtFixture(dir);
+  const adminToken = crypto.randomBytes(18).toString('base64url');
+  const tokenPath = path.join(dir, 'admin.token');
+  fs.writeFileSync(tokenPath, adminToken + '\n');
   const config = `[server]\nlisten = ["127.0.0.1:${gwPort}"]\n[tls]\ncert = "${tls.cert}"\nkey = "${tls.key}"\n` +
-    `[limits]\nper_ip_rate = 10000\nper_ip_burst = 10000\n[admin]\nlisten = "127.0.0.1:${adminPort}"\n` +
+    `[limits]\nper_ip_rate = 10000\nper_ip_burst = 10000\n[admin]\nlisten = "127.0.0.1:${adminPort}"\ntoken_file = "${tokenPath}"\n` +
     `[[auth]]\nname = "e2e"\ntype = "jwt"\njwks_file = "${jwt.jwks}"\ntoken_from = ["cookie:access_token"]\nalgorithms = ["ES256"]\n` +
     route('/browser', [wsPort], `allowed_origins = ["https://localhost:${allowedOrigin}"]`) +
     route('/protected', [wsPort], `allowed_origins = ["https://localhost:${allowedOrigin}"]\nauth = "e2e"`) +
     route('/node', [wsPort], 'allow_missing_origin = true') +
+    route('/watched', [wsPort], 'allow_missing_origin = true') +
     route('/py', [pyPort], 'allow_missing_origin = true') +
     route('/single', [ioPorts[0]], 'allow_missing_origin = true') +
     route('/sticky', [ioPorts[1], ioPorts[2]], 'allow_missing_origin = true\nsticky = "ip_hash"') +
-    route('/rr', [ioPorts[3], ioPorts[4]], 'allow_missing_origin = true');
+    route('/rr', [ioPorts[3], ioPorts[4]], 'allow_missing_origin = true') +
+    route('/cookie', [ioPorts[5], ioPorts[6]], 'allow_missing_origin = true\nsticky = "cookie"');
   const cfgPath = path.join(dir, 'wsgate.toml');
   fs.writeFileSync(cfgPath, config);
   const gw = run(wsgateBin, ['--config', cfgPath]);
   await waitReady(adminPort);
-  const ctx = { tls, gwPort, adminPort, ws, py, allowedOrigin, otherOrigin, token: jwt.token };
+  const ctx = { tls, gwPort, adminPort, wsPort, ws, py, allowedOrigin, otherOrigin, token: jwt.token, adminToken };
   const cases = [['chromium', browserCase], ['node ws', nodeWsCase], ['python websockets', pythonCase],
-    ['socket.io', socketIoCase], ['websocat', websocatCase]];
+    ['socket.io', socketIoCase], ['websocat', websocatCase], ['status page', statusPageCase]];
   for (const [name, fn] of cases) {
     if (only && only !== name) continue;
     const started = Date.now();

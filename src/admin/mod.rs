@@ -1,0 +1,166 @@
+//! The admin listener: `/metrics` (Prometheus text), `/healthz` (200 while the process serves),
+//! `/readyz` (200 while accepting, 503 while draining), the status page (`GET /`), and the
+//! control API of [`api`] over the same registries the data path uses: tunnels listed and
+//! closed, backends drained and enabled. With `[admin] token_file`, everything but the first
+//! three and the page needs `Authorization: Bearer <token>`, compared in constant time.
+
+mod api;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::TokioIo;
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigError};
+use crate::server::Shared;
+
+/// Largest request body the API reads.
+const MAX_BODY: usize = 64 * 1024;
+
+/// The status page: one self-contained file, no external assets.
+const STATUS_PAGE: &str = include_str!("status.html");
+
+/// Serves admin requests until `stop` (it stays up while draining, so `/readyz` can say so),
+/// with the same accept back-off as the client listeners.
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    crate::listener::accept_with_backoff(&listener, &stop, |tcp, peer| {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let shared = shared.clone();
+                    async move { Ok::<_, Infallible>(answer(&shared, peer, req).await) }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    })
+    .await;
+}
+
+/// The token of `[admin] token_file`, read at start and at every reload.
+pub(crate) fn read_token(config: &Config) -> Result<Option<Vec<u8>>, ConfigError> {
+    let Some(f) = &config.admin.token_file else {
+        return Ok(None);
+    };
+    let err = |message: String| ConfigError {
+        file: config.path.clone(),
+        line: f.line,
+        key: f.key.clone(),
+        message,
+    };
+    let bytes = std::fs::read(&f.value)
+        .map_err(|e| err(format!("{}: cannot read: {e}", f.value.display())))?;
+    let token = bytes.trim_ascii();
+    if token.is_empty() {
+        return Err(err(format!("{}: the token is empty", f.value.display())));
+    }
+    Ok(Some(token.to_vec()))
+}
+
+/// An answer with a body.
+pub(super) fn reply(
+    status: StatusCode,
+    ctype: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    if let Ok(v) = http::HeaderValue::from_str(ctype) {
+        r.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+pub(super) fn json(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
+    reply(status, "application/json", v.to_string())
+}
+
+pub(super) fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<Full<Bytes>> {
+    json(status, &serde_json::json!({ "error": message.to_string() }))
+}
+
+async fn answer(
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    req: http::Request<hyper::body::Incoming>,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    match path.as_str() {
+        "/metrics" => {
+            return reply(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                shared.metrics.encode(),
+            );
+        }
+        "/healthz" => return reply(StatusCode::OK, "text/plain", "ok\n"),
+        "/readyz" if shared.drain.is_draining() => {
+            return reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n");
+        }
+        "/readyz" => return reply(StatusCode::OK, "text/plain", "ready\n"),
+        "/" if method == Method::GET || method == Method::HEAD => {
+            return reply(StatusCode::OK, "text/html; charset=utf-8", STATUS_PAGE);
+        }
+        _ => {}
+    }
+    let Some(endpoint) = api::Endpoint::of(&path) else {
+        return error(StatusCode::NOT_FOUND, format!("no endpoint {path}"));
+    };
+    let wanted = endpoint.method();
+    if method != wanted {
+        let mut r = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{path} answers {wanted} only"),
+        );
+        if let Ok(v) = http::HeaderValue::from_str(wanted.as_str()) {
+            r.headers_mut().insert(header::ALLOW, v);
+        }
+        return r;
+    }
+    let token = shared.runtime.load().admin_token.clone();
+    if let Some(token) = token
+        && !bearer_matches(req.headers(), &token)
+    {
+        let mut r = error(StatusCode::UNAUTHORIZED, "a bearer token is required");
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer realm=\"wsgate admin\""),
+        );
+        return r;
+    }
+    let query = req.uri().query().unwrap_or("").to_string();
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return error(StatusCode::BAD_REQUEST, "body too large or broken"),
+    };
+    let params = match api::Params::parse(&query, &body) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    api::run(shared, peer, endpoint, &params)
+}
+
+/// `Authorization: Bearer <token>` with the configured token, compared in constant time.
+fn bearer_matches(headers: &http::HeaderMap, token: &[u8]) -> bool {
+    let Some(v) = headers.get(header::AUTHORIZATION) else {
+        return false;
+    };
+    let v = v.as_bytes();
+    let Some(given) = v
+        .strip_prefix(b"Bearer ")
+        .or_else(|| v.strip_prefix(b"bearer "))
+    else {
+        return false;
+    };
+    bool::from(given.trim_ascii().ct_eq(token))
+}

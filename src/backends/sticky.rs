@@ -1,0 +1,90 @@
+//! The sticky cookie's value: an opaque keyed hash of the route and the backend's address (HMAC
+//! with SHA-256, cut to 16 bytes, hex). It names a backend without showing its address, is the
+//! same on every gateway of a fleet and across restarts, so a session stays put wherever the
+//! client's next request lands.
+
+use http::HeaderValue;
+
+/// The cookie value naming `backend` on `route`.
+pub(crate) fn value(route: &str, backend: &str) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"wsgate sticky backend v1");
+    let mut msg = Vec::with_capacity(route.len() + backend.len() + 1);
+    msg.extend_from_slice(route.as_bytes());
+    msg.push(0);
+    msg.extend_from_slice(backend.as_bytes());
+    let tag = ring::hmac::sign(&key, &msg);
+    tag.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The `Set-Cookie` an answer carries to pin the client to `backend`.
+pub(crate) fn set_cookie(name: &str, route: &str, backend: &str) -> Option<HeaderValue> {
+    HeaderValue::from_str(&format!(
+        "{name}={}; Path=/; HttpOnly; Secure; SameSite=Lax",
+        value(route, backend)
+    ))
+    .ok()
+}
+
+/// The value of cookie `name` in a request, if sent.
+pub(crate) fn from_request<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| k.trim() == name)
+        .map(|(_, v)| v.trim())
+}
+
+/// Removes cookie `name` from a request (other cookies stay): backends never see it.
+pub(crate) fn strip(headers: &mut http::HeaderMap, name: &str) {
+    let kept: Vec<String> = headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|c| !c.is_empty() && c.split_once('=').is_none_or(|(k, _)| k.trim() != name))
+        .map(str::to_string)
+        .collect();
+    if !headers.contains_key(http::header::COOKIE) {
+        return;
+    }
+    headers.remove(http::header::COOKIE);
+    if !kept.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&kept.join("; "))
+    {
+        headers.insert(http::header::COOKIE, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_stable_opaque_and_distinct() {
+        let a = value("/chat", "127.0.0.1:9001");
+        assert_eq!(a, value("/chat", "127.0.0.1:9001"));
+        assert_ne!(a, value("/chat", "127.0.0.1:9002"));
+        assert_ne!(a, value("/game", "127.0.0.1:9001"));
+        assert!(!a.contains("9001") && a.len() == 32);
+    }
+
+    #[test]
+    fn the_cookie_is_found_and_stripped_alone() {
+        let mut h = http::HeaderMap::new();
+        h.insert("cookie", "a=1; wsgate_sticky=abc; io=x".parse().unwrap());
+        assert_eq!(from_request(&h, "wsgate_sticky"), Some("abc"));
+        strip(&mut h, "wsgate_sticky");
+        assert_eq!(h["cookie"], "a=1; io=x");
+        let mut only = http::HeaderMap::new();
+        only.insert("cookie", "wsgate_sticky=abc".parse().unwrap());
+        strip(&mut only, "wsgate_sticky");
+        assert!(only.get("cookie").is_none());
+    }
+}
