@@ -74,6 +74,8 @@ pub(crate) async fn exchange(
         // A stale pooled connection may fail before the request is sent; bodiless requests
         // are retried once on a fresh one.
         for attempt in 0..2 {
+            // Counted from before the connect, so requests that arrive together see each other.
+            let slot = route.states[i].request_slot();
             let (mut sender, reused) = match pool.checkout(&key, &dial, cfg.connect_timeout).await {
                 Ok(s) => s,
                 Err(e) => {
@@ -89,7 +91,6 @@ pub(crate) async fn exchange(
                 d.pooled_with_proxy = true;
             }
             conn.note_backend(backend);
-            let slot = route.states[i].request_slot();
             let abort = Arc::new(AtomicBool::new(false));
             let (tx, body) = if framing == Framing::Empty {
                 (None, UpBody::Empty)

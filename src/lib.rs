@@ -94,6 +94,13 @@ pub fn check(path: &std::path::Path) -> Vec<String> {
         if let Err(e) = admin::read_token(&c) {
             lines.push(e.to_string());
         }
+        // Backend CA bundles are loaded when the route table is built.
+        let scratch = metrics::Metrics::new();
+        if let Err(e) =
+            route::RouteTable::new(&c.routes, &backends::Registry::default(), &scratch, &c.path)
+        {
+            lines.extend(e.iter().map(ToString::to_string));
+        }
     }
     lines
 }

@@ -141,13 +141,7 @@ impl Shared {
     /// Starts the health checks of a snapshot just put in force, and forgets the backends it
     /// no longer has.
     fn backends_follow(self: &Arc<Self>, rt: &Runtime) {
-        let states: Vec<_> = rt
-            .routes
-            .entries()
-            .iter()
-            .flat_map(|e| e.states.iter().cloned())
-            .collect();
-        self.backends.retain(&states, &self.metrics);
+        let states = self.backends_only_of(rt);
         for e in rt.routes.entries() {
             backends::health::start_route(self, e);
         }
@@ -156,6 +150,19 @@ impl Shared {
             .map(|s| (s.route.clone(), s.label.clone()))
             .collect();
         self.pool.retain(&keep);
+    }
+
+    /// Forgets every backend state (and its metric series) `rt` does not use: after a reload
+    /// put `rt` in force, or after one failed while building states for its new backends.
+    fn backends_only_of(&self, rt: &Runtime) -> Vec<Arc<backends::BackendState>> {
+        let states: Vec<_> = rt
+            .routes
+            .entries()
+            .iter()
+            .flat_map(|e| e.states.iter().cloned())
+            .collect();
+        self.backends.retain(&states, &self.metrics);
+        states
     }
 
     /// A fresh connection number.
@@ -414,6 +421,14 @@ impl Handle {
     }
 
     fn apply(&self, path: &std::path::Path) -> Result<(), ReloadError> {
+        let r = self.try_apply(path);
+        if r.is_err() {
+            self.shared.backends_only_of(&self.shared.runtime.load());
+        }
+        r
+    }
+
+    fn try_apply(&self, path: &std::path::Path) -> Result<(), ReloadError> {
         let config = Config::load(path).map_err(ReloadError::Config)?;
         let runtime =
             Runtime::build(config, &self.shared.registries()).map_err(ReloadError::Config)?;

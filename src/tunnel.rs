@@ -82,9 +82,8 @@ pub(crate) async fn open(
         }
         _ => None,
     };
-    let (i, stream) = connect(conn, route, &pick.order).await?;
+    let (i, stream, slot) = connect(conn, route, &pick.order).await?;
     let backend = &route.backends[i];
-    let slot = route.states[i].tunnel_slot();
     conn.note_backend(&backend.label);
     conn.shared
         .metrics
@@ -158,18 +157,20 @@ pub(crate) fn dial_for<'a>(conn: &Conn, route: &'a RouteEntry, i: usize) -> Dial
 }
 
 /// Connects to the first backend of `order` that accepts; a failure counts as a failed health
-/// check and moves on to the next.
+/// check and moves on to the next. The tunnel counts toward a backend's load (and cap) from
+/// before its connect, so a burst of upgrades sees itself.
 async fn connect(
     conn: &Conn,
     route: &RouteEntry,
     order: &[usize],
-) -> Result<(usize, BackendStream), Refusal> {
+) -> Result<(usize, BackendStream, TunnelSlot), Refusal> {
     let timeout = conn.rt.config.upstream.connect_timeout;
     let mut refusal = Refusal::BackendUnavailable;
     for &i in order {
         let label = &route.backends[i].label;
+        let slot = route.states[i].tunnel_slot();
         match upstream::dial(&dial_for(conn, route, i), timeout).await {
-            Ok(s) => return Ok((i, s)),
+            Ok(s) => return Ok((i, s, slot)),
             Err(e) => {
                 if let DialError::Tls(_) = e {
                     refusal = Refusal::BackendTls;
@@ -231,11 +232,18 @@ impl Tunnel {
             mailbox: Mailbox::default(),
         });
         let entry = &registered.entry;
-        // A drain that began while the tunnel was being set up has not seen it.
+        // A drain (of the process or of this backend) that began while the tunnel was being
+        // set up has not seen it.
         if let Some(at) = shared.drain.close_at(conn.id) {
             entry.close(Order {
                 at,
                 why: Why::Shutdown,
+            });
+        }
+        if slot.backend().is_draining() {
+            entry.close(Order {
+                at: Instant::now(),
+                why: Why::Restart,
             });
         }
         let route_label = RouteLabel { route };

@@ -554,3 +554,60 @@ async fn a_proxy_v2_header_names_the_client_to_the_backend() {
         "the tunnel's and the request's client, address and port"
     );
 }
+
+#[tokio::test]
+async fn a_backend_that_stalls_its_tls_handshake_is_a_tls_failure() {
+    // Accepts and then says nothing: the TCP connect succeeds, the TLS handshake never ends.
+    let stall = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = stall.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = stall.accept().await {
+            held.push(s);
+        }
+    });
+    let settings = format!("{BASE}[upstream]\nconnect_timeout = \"300ms\"\n");
+    let r = backends_route("/stall", &format!("\"{addr}\""), "backend_tls = true");
+    let gate = Gate::start(&settings, &r).await;
+    let started = std::time::Instant::now();
+    let resp = gate.raw(upgrade_request("/stall", "").as_bytes()).await;
+    assert_eq!(status_of(&resp), 502, "{resp}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "bounded by connect_timeout"
+    );
+    let m = gate.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "wsgate_handshake_rejections_total{reason=\"backend_tls\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn a_backend_marked_down_is_up_again_when_a_reload_removes_the_checks() {
+    let (a, b) = (Backend::start().await, Backend::start().await);
+    let both = format!("\"{}\", \"{}\"", a.addr, b.addr);
+    let gate = Gate::start(BASE, &backends_route("/h", &both, HEALTH)).await;
+    let up_b = format!("wsgate_backend_up{{route=\"/h\",backend=\"{}\"}}", b.addr);
+    b.health.store(500, Ordering::SeqCst);
+    until_metric(&gate, &up_b, 0.0, Duration::from_secs(3)).await;
+    let text = std::fs::read_to_string(&gate.config_path)
+        .unwrap()
+        .replace(HEALTH, "");
+    std::fs::write(&gate.config_path, text).unwrap();
+    gate.handle.reload().await.unwrap();
+    // Nothing checks it any more, so nothing else would ever bring it back.
+    assert_eq!(metric(&gate.metrics().await, &up_b), 1.0);
+    let before = b.tunnels();
+    let _held = open(&gate, "/h", 6).await;
+    assert!(b.tunnels() > before, "in rotation again");
+    let (_, list) = http_get(gate.admin.unwrap(), "/backends").await;
+    assert!(
+        list.contains("\"health\":null") && !list.contains("\"down\""),
+        "{list}"
+    );
+}

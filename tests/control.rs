@@ -512,6 +512,40 @@ async fn the_token_guards_the_api_and_mutating_endpoints_take_post_only() {
     .await;
     assert_eq!(s, 400);
     assert!(v["error"].as_str().unwrap().starts_with("backend:"), "{v}");
+    // Every bad parameter is named: a misspelt filter must not widen a close to every tunnel.
+    let tok = Some("s3cret-admin-token");
+    let unknown_backend = format!("/backends/drain?route=/chat&backend={}", dead_addr().await);
+    for (path, body, param) in [
+        ("/tunnels/close?subjet=alice", None, "subjet:"),
+        ("/tunnels/close", Some(r#"{"rout": "/chat"}"#), "rout:"),
+        ("/tunnels?limit=5&colour=red", None, "colour:"),
+        ("/tunnels/close?spread=100000000y", None, "spread:"),
+        ("/tunnels/close?percent=0", None, "percent:"),
+        ("/tunnels/close?client=300.1.1.1", None, "client:"),
+        (
+            "/backends/drain?route=/nowhere&backend=127.0.0.1:1",
+            None,
+            "route:",
+        ),
+        (unknown_backend.as_str(), None, "backend:"),
+    ] {
+        let method = if path.starts_with("/tunnels?") {
+            "GET"
+        } else {
+            "POST"
+        };
+        let (s, v) = call(admin, method, path, body, tok).await;
+        assert_eq!(s, 400, "{path}: {v}");
+        assert!(
+            v["error"].as_str().unwrap().starts_with(param),
+            "{path}: {v}"
+        );
+    }
+    let m = gate.metrics().await;
+    assert!(
+        !m.contains("wsgate_admin_actions_total{action=\"close_tunnels\"}"),
+        "refused calls are not actions: {m}"
+    );
 }
 
 #[test]
@@ -532,6 +566,38 @@ fn check_refuses_an_admin_listener_beyond_loopback_without_a_token() {
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(
         text.contains("admin.toml:5: admin.listen: 0.0.0.0:9090 is not a loopback address"),
+        "{text}"
+    );
+}
+
+#[test]
+fn check_loads_backend_ca_bundles_and_checks_backend_server_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tls.toml");
+    let bundle = dir.path().join("not-a-ca.pem");
+    std::fs::write(&bundle, "this is not PEM\n").unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = []\nlisten_plain = [\"127.0.0.1:1\"]\n[[routes]]\npath = \"/a\"\nbackends = [\"127.0.0.1:2\"]\n\
+             backend_tls = true\nbackend_ca = \"{}\"\n[[routes]]\npath = \"/b\"\nbackends = [\"127.0.0.1:3\"]\n\
+             backend_tls = true\nbackend_server_name = \"not a name!\"\n",
+            bundle.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args(["--check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("tls.toml:8: routes[0].backend_ca:"), "{text}");
+    assert!(
+        text.contains(
+            "tls.toml:13: routes[1].backend_server_name: \"not a name!\" is not a DNS name"
+        ),
         "{text}"
     );
 }

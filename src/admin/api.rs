@@ -21,6 +21,9 @@ use crate::relay::orders::{Order, Why};
 use crate::server::Shared;
 use crate::tunnels::TunnelEntry;
 
+/// The longest `spread` or `older_than` taken.
+const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Tunnels listed at most unless `limit` says otherwise.
 const DEFAULT_LIMIT: usize = 1000;
 
@@ -48,6 +51,37 @@ impl Endpoint {
                 Endpoint::CloseTunnel(id.parse().ok()?)
             }
         })
+    }
+
+    /// The parameters it takes: any other is refused, so a misspelt filter never widens a
+    /// close to every tunnel.
+    fn params(&self) -> &'static [&'static str] {
+        match self {
+            Endpoint::Tunnels => &[
+                "route",
+                "backend",
+                "subject",
+                "client",
+                "older_than",
+                "limit",
+            ],
+            Endpoint::CloseTunnels => &[
+                "route",
+                "backend",
+                "subject",
+                "client",
+                "older_than",
+                "code",
+                "reason",
+                "percent",
+                "spread",
+            ],
+            Endpoint::CloseTunnel(_) => &["code", "reason"],
+            Endpoint::Backends => &[],
+            Endpoint::Drain => &["route", "backend", "spread"],
+            // The same query as the drain it ends is accepted (its `spread` means nothing here).
+            Endpoint::Enable => &["route", "backend", "spread"],
+        }
     }
 
     /// The one method it answers.
@@ -100,10 +134,17 @@ impl Params {
         self.0.get(key).map(String::as_str)
     }
 
+    /// A duration of at most [`MAX_DURATION`] (a week: past that it is a typo, and instants
+    /// that far ahead would overflow).
     fn duration(&self, key: &str) -> Result<Option<Duration>, String> {
-        self.get(key)
-            .map(|s| crate::config::parse_duration(s).map_err(|e| format!("{key}: {e}")))
-            .transpose()
+        let Some(s) = self.get(key) else {
+            return Ok(None);
+        };
+        match crate::config::parse_duration(s) {
+            Ok(d) if d <= MAX_DURATION => Ok(Some(d)),
+            Ok(_) => Err(format!("{key}: \"{s}\" is longer than 7d")),
+            Err(e) => Err(format!("{key}: {e}")),
+        }
     }
 
     fn number(
@@ -213,6 +254,24 @@ pub(super) fn run(
     endpoint: Endpoint,
     p: &Params,
 ) -> Response<Full<Bytes>> {
+    let allowed = endpoint.params();
+    let mut unknown: Vec<&str> =
+        p.0.keys()
+            .map(String::as_str)
+            .filter(|k| !allowed.contains(k))
+            .collect();
+    if !unknown.is_empty() {
+        unknown.sort_unstable();
+        let expected = if allowed.is_empty() {
+            "this endpoint takes none".to_string()
+        } else {
+            format!("expected one of {}", allowed.join(", "))
+        };
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("{}: unknown parameter ({expected})", unknown[0]),
+        );
+    }
     let result = match endpoint {
         Endpoint::Tunnels => list_tunnels(shared, p),
         Endpoint::CloseTunnels => close_tunnels(shared, peer, p),
@@ -401,10 +460,12 @@ fn drain(shared: &Shared, peer: SocketAddr, p: &Params, on: bool) -> Answer {
         .find(|s| s.route == route && s.label == backend)
         .cloned()
     else {
-        return Err((
-            StatusCode::NOT_FOUND,
-            format!("no backend {backend} on route {route}"),
-        ));
+        let known_route = rt.routes.entries().iter().any(|e| e.label() == route);
+        return Err(bad(if known_route {
+            format!("backend: route {route} has no backend {backend}")
+        } else {
+            format!("route: no route {route}")
+        }));
     };
     let spread = p
         .duration("spread")

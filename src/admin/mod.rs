@@ -24,21 +24,37 @@ use crate::server::Shared;
 /// Largest request body the API reads.
 const MAX_BODY: usize = 64 * 1024;
 
+/// Admin connections held at once; more are closed at accept (the listener may face a network
+/// when it has a token).
+const MAX_CONNECTIONS: usize = 256;
+
+/// Time a client has to send a request head, the first one or the next on a kept-alive
+/// connection.
+const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The status page: one self-contained file, no external assets.
 const STATUS_PAGE: &str = include_str!("status.html");
 
 /// Serves admin requests until `stop` (it stays up while draining, so `/readyz` can say so),
 /// with the same accept back-off as the client listeners.
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     crate::listener::accept_with_backoff(&listener, &stop, |tcp, peer| {
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(admin = %peer, "admin connection refused: {MAX_CONNECTIONS} already open");
+            return;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let svc =
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let shared = shared.clone();
                     async move { Ok::<_, Infallible>(answer(&shared, peer, req).await) }
                 });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT)
                 .serve_connection(TokioIo::new(tcp), svc)
                 .await;
         });

@@ -35,6 +35,8 @@ pub(crate) fn start_route(shared: &Arc<Shared>, entry: &RouteEntry) {
     for state in &entry.states {
         stop(state);
         let Some(health) = &entry.health else {
+            // Without checks nothing would ever mark a backend that was down up again.
+            state.forget_health();
             continue;
         };
         let check = Check {
@@ -163,9 +165,14 @@ async fn probe(state: &BackendState, check: &Check) -> Result<(), String> {
     let Some(path) = &check.health.path else {
         return Ok(());
     };
-    let host = match &state.target {
-        crate::config::Backend::Tcp(a) => a.clone(),
-        crate::config::Backend::Unix(_) => "localhost".to_string(),
+    // The name the backend's TLS certificate is checked against is the virtual host it serves.
+    let host = match (
+        check.tls.as_ref().and_then(|(_, n)| n.as_ref()),
+        &state.target,
+    ) {
+        (Some(name), _) => name.clone(),
+        (None, crate::config::Backend::Tcp(a)) => a.clone(),
+        (None, crate::config::Backend::Unix(_)) => "localhost".to_string(),
     };
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: wsgate-health\r\nConnection: close\r\n\r\n"

@@ -122,6 +122,13 @@ impl BackendState {
         self.requests.load(Ordering::Relaxed)
     }
 
+    /// Back to up with no check history: its route no longer runs checks.
+    pub(crate) fn forget_health(&self) {
+        *self.health.lock().unwrap_or_else(|e| e.into_inner()) = HealthView::default();
+        self.up.store(true, Ordering::Relaxed);
+        self.up_gauge.set(1);
+    }
+
     pub(crate) fn health(&self) -> HealthView {
         self.health
             .lock()
@@ -246,6 +253,13 @@ impl Registry {
                 };
                 metrics.backend_up.remove(&l);
                 metrics.backend_tunnels.remove(&l);
+                for result in ["ok", "failed"] {
+                    metrics.backend_checks.remove(&BackendCheckLabel {
+                        route: s.route.clone(),
+                        backend: s.label.clone(),
+                        result,
+                    });
+                }
             }
             kept
         });

@@ -42,23 +42,39 @@ pub(crate) fn from_request<'a>(headers: &'a http::HeaderMap, name: &str) -> Opti
 
 /// Removes cookie `name` from a request (other cookies stay): backends never see it.
 pub(crate) fn strip(headers: &mut http::HeaderMap, name: &str) {
-    let kept: Vec<String> = headers
+    let is_ours = |c: &[u8]| {
+        let k = c.split(|&b| b == b'=').next().unwrap_or(c);
+        k.trim_ascii() == name.as_bytes()
+    };
+    let values: Vec<HeaderValue> = headers
         .get_all(http::header::COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .map(str::trim)
-        .filter(|c| !c.is_empty() && c.split_once('=').is_none_or(|(k, _)| k.trim() != name))
-        .map(str::to_string)
+        .cloned()
         .collect();
-    if !headers.contains_key(http::header::COOKIE) {
+    if !values
+        .iter()
+        .any(|v| v.as_bytes().split(|&b| b == b';').any(is_ours))
+    {
         return;
     }
+    // Only the sticky cookie goes: every other cookie stays, byte for byte, in its own header.
     headers.remove(http::header::COOKIE);
-    if !kept.is_empty()
-        && let Ok(v) = HeaderValue::from_str(&kept.join("; "))
-    {
-        headers.insert(http::header::COOKIE, v);
+    for v in values {
+        let parts: Vec<&[u8]> = v.as_bytes().split(|&b| b == b';').collect();
+        if !parts.iter().any(|c| is_ours(c)) {
+            headers.append(http::header::COOKIE, v);
+            continue;
+        }
+        let kept: Vec<&[u8]> = parts
+            .into_iter()
+            .map(<[u8]>::trim_ascii)
+            .filter(|c| !c.is_empty() && !is_ours(c))
+            .collect();
+        if !kept.is_empty()
+            && let Ok(v) = HeaderValue::from_bytes(&kept.join(&b"; "[..]))
+        {
+            headers.append(http::header::COOKIE, v);
+        }
     }
 }
 
@@ -86,5 +102,28 @@ mod tests {
         only.insert("cookie", "wsgate_sticky=abc".parse().unwrap());
         strip(&mut only, "wsgate_sticky");
         assert!(only.get("cookie").is_none());
+    }
+
+    #[test]
+    fn other_cookie_headers_stay_untouched_even_when_not_utf8() {
+        let mut h = http::HeaderMap::new();
+        h.append(
+            "cookie",
+            http::HeaderValue::from_bytes(b"pref=caf\xe9").unwrap(),
+        );
+        h.append("cookie", "wsgate_sticky=abc; sid=7".parse().unwrap());
+        h.append("cookie", "theme=dark".parse().unwrap());
+        strip(&mut h, "wsgate_sticky");
+        let left: Vec<&[u8]> = h.get_all("cookie").iter().map(|v| v.as_bytes()).collect();
+        assert_eq!(left, vec![&b"pref=caf\xe9"[..], b"sid=7", b"theme=dark"]);
+        let mut none = http::HeaderMap::new();
+        none.append("cookie", "a=1".parse().unwrap());
+        none.append("cookie", "b=2".parse().unwrap());
+        strip(&mut none, "wsgate_sticky");
+        assert_eq!(
+            none.get_all("cookie").iter().count(),
+            2,
+            "nothing to strip: nothing merged"
+        );
     }
 }

@@ -487,10 +487,18 @@ impl Cx<'_> {
                     .backend_ca
                     .as_ref()
                     .map(|_| self.path_or(&format!("{base}.backend_ca"), &r.backend_ca, "")),
-                server_name: r
-                    .backend_server_name
-                    .as_ref()
-                    .map(|s| s.get_ref().trim().to_string()),
+                server_name: r.backend_server_name.as_ref().map(|s| {
+                    let name = s.get_ref().trim().to_string();
+                    if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+                        let line = self.line(s.span());
+                        self.push(
+                            line,
+                            &format!("{base}.backend_server_name"),
+                            format!("\"{name}\" is not a DNS name or an IP address"),
+                        );
+                    }
+                    name
+                }),
             })
         } else {
             for (key, set) in [

@@ -67,7 +67,8 @@ impl std::fmt::Display for DialError {
 /// Connects to one backend within `timeout`: TCP or Unix socket, then the PROXY header, then
 /// TLS when the route asks for it.
 pub(crate) async fn dial(d: &Dial<'_>, timeout: Duration) -> Result<BackendStream, DialError> {
-    let fut = async {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let connect = async {
         let mut plain: PlainStream = match d.backend {
             Backend::Tcp(addr) => {
                 let s = TcpStream::connect(addr.as_str())
@@ -92,20 +93,25 @@ pub(crate) async fn dial(d: &Dial<'_>, timeout: Duration) -> Result<BackendStrea
         if let Some(h) = header {
             plain.write_all(&h).await.map_err(DialError::Connect)?;
         }
-        let Some((cfg, name)) = d.tls else {
-            return Ok(Either::Left(plain));
-        };
-        let Either::Left(tcp) = plain else {
-            return Err(DialError::Tls("TLS to a unix socket".into()));
-        };
-        let name = tls::server_name(d.backend, name).map_err(DialError::Tls)?;
-        let s = tokio_rustls::TlsConnector::from(cfg.clone())
-            .connect(name, tcp)
-            .await
-            .map_err(|e| DialError::Tls(e.to_string()))?;
-        Ok(Either::Right(Box::new(s)))
+        Ok(plain)
     };
-    tokio::time::timeout(timeout, fut).await.map_err(|_| {
-        DialError::Connect(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
-    })?
+    let plain = tokio::time::timeout_at(deadline, connect)
+        .await
+        .map_err(|_| {
+            DialError::Connect(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
+        })??;
+    let Some((cfg, name)) = d.tls else {
+        return Ok(Either::Left(plain));
+    };
+    let Either::Left(tcp) = plain else {
+        return Err(DialError::Tls("TLS to a unix socket".into()));
+    };
+    let name = tls::server_name(d.backend, name).map_err(DialError::Tls)?;
+    // A backend that accepts and then stalls the handshake is a TLS failure, not a dead one.
+    let handshake = tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, tcp);
+    let s = tokio::time::timeout_at(deadline, handshake)
+        .await
+        .map_err(|_| DialError::Tls("handshake timed out".into()))?
+        .map_err(|e| DialError::Tls(e.to_string()))?;
+    Ok(Either::Right(Box::new(s)))
 }
