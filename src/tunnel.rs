@@ -3,7 +3,10 @@
 //! written to the client, and then [`Tunnel::run`] relays both sockets through
 //! [`crate::relay`] with the settings of the snapshot the connection started under.
 
+use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -201,9 +204,12 @@ impl Tunnel {
         }
     }
 
-    /// Relays until both sides are done, then counts and logs the tunnel's end. Runs outside
-    /// the connection's span (entered for its two log lines only): the relay is the hot path.
-    pub(crate) async fn run(self) {
+    /// Registers and counts the tunnel and logs its opening; the future it returns relays
+    /// until both sides are done, then counts and logs the tunnel's end. That future is what
+    /// an idle tunnel holds, so it keeps only the relay and what the end needs, and runs
+    /// outside the connection's span (entered for the two log lines only): the relay is the
+    /// hot path.
+    pub(crate) fn run(self) -> Running {
         let Tunnel {
             conn,
             client,
@@ -217,7 +223,7 @@ impl Tunnel {
         } = self;
         let shared = conn.shared.clone();
         let m = &shared.metrics;
-        let registered = shared.tunnels.register(TunnelEntry {
+        let entry = Arc::new(TunnelEntry {
             id: conn.id,
             client: conn.client,
             route: route.clone(),
@@ -231,7 +237,7 @@ impl Tunnel {
             frames_down: AtomicU64::new(0),
             mailbox: Mailbox::default(),
         });
-        let entry = &registered.entry;
+        shared.tunnels.insert(entry.clone());
         // A drain (of the process or of this backend) that began while the tunnel was being
         // set up has not seen it.
         if let Some(at) = shared.drain.close_at(conn.id) {
@@ -247,18 +253,13 @@ impl Tunnel {
             });
         }
         let route_label = RouteLabel { route };
-        let tally = TunnelTally {
-            relay: &m.relay,
-            throttled: m.throttled_seconds.get_or_create(&route_label).clone(),
-            entry,
-        };
+        let throttled = m.throttled_seconds.get_or_create(&route_label).clone();
         m.connections_total.get_or_create(&route_label).inc();
         m.connections_open.get_or_create(&route_label).inc();
-        let opened = Instant::now();
         shared.stats.tunnel_opened();
         conn.span
             .in_scope(|| tracing::info!(subject = identity.subject.as_deref(), "tunnel opened"));
-        let s = relay::run(
+        let relay = relay::Relaying::new(
             relay::Peers {
                 client,
                 client_prefix,
@@ -266,15 +267,84 @@ impl Tunnel {
                 backend_prefix,
             },
             &settings,
-            &entry.mailbox,
-            &tally,
             conn.id,
-        )
-        .await;
-        m.connections_open.get_or_create(&route_label).dec();
+        );
+        Running {
+            relay,
+            end: End {
+                opened: entry.opened,
+                entry,
+                conn,
+                route_label,
+                throttled,
+                _slot: slot,
+                done: false,
+            },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An open tunnel: its relay, and what counting and logging its end takes.
+    pub(crate) struct Running {
+        #[pin]
+        relay: relay::Relaying<ClientStream, BackendStream>,
+        end: End,
+    }
+}
+
+/// What a tunnel keeps for its end. Dropping it (the tunnel ended, or the runtime dropped the
+/// task) takes the tunnel out of the registry and off its backend's count.
+struct End {
+    conn: Conn,
+    entry: Arc<TunnelEntry>,
+    route_label: RouteLabel,
+    throttled: Seconds,
+    opened: Instant,
+    /// Counts the tunnel toward its backend's load.
+    _slot: TunnelSlot,
+    /// The end was counted and logged.
+    done: bool,
+}
+
+impl Drop for End {
+    fn drop(&mut self) {
+        if !self.done {
+            self.conn.shared.tunnels.remove(self.entry.id);
+        }
+    }
+}
+
+impl std::future::Future for Running {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        let end = &*this.end;
+        let tally = TunnelTally {
+            relay: &end.conn.shared.metrics.relay,
+            throttled: &end.throttled,
+            entry: &end.entry,
+        };
+        let s = std::task::ready!(this.relay.poll_relay(cx, &end.entry.mailbox, &tally));
+        this.end.finish(s);
+        Poll::Ready(())
+    }
+}
+
+impl End {
+    fn finish(&mut self, s: relay::Summary) {
+        let shared = &self.conn.shared;
+        // Out of the list before the count drops, so whoever waits on the count sees the list
+        // agree.
+        shared.tunnels.remove(self.entry.id);
+        self.done = true;
+        let m = &shared.metrics;
+        let route_label = &self.route_label;
+        m.connections_open.get_or_create(route_label).dec();
         m.tunnel_duration
-            .get_or_create(&route_label)
-            .observe(opened.elapsed().as_secs_f64());
+            .get_or_create(route_label)
+            .observe(self.opened.elapsed().as_secs_f64());
         m.close(s.close_code, s.closed_by.as_str());
         let mut policy = None;
         match s.gateway_close {
@@ -285,7 +355,7 @@ impl Tunnel {
                 m.idle_timeouts.inc();
             }
             Some(GatewayClose::Expired(_)) => {
-                m.auth_expiries.get_or_create(&route_label).inc();
+                m.auth_expiries.get_or_create(route_label).inc();
             }
             Some(GatewayClose::Policy(l)) => {
                 policy = Some(l.as_str());
@@ -297,9 +367,9 @@ impl Tunnel {
             }
             _ => {}
         }
-        conn.span.in_scope(|| {
+        self.conn.span.in_scope(|| {
             tracing::info!(
-                duration_ms = opened.elapsed().as_millis() as u64,
+                duration_ms = self.opened.elapsed().as_millis() as u64,
                 bytes_up = s.traffic.bytes_up,
                 bytes_down = s.traffic.bytes_down,
                 frames_up = s.traffic.frames_up,
@@ -320,7 +390,7 @@ impl Tunnel {
 /// by its route's rate limits.
 struct TunnelTally<'a> {
     relay: &'a RelayCounters,
-    throttled: Seconds,
+    throttled: &'a Seconds,
     /// The tunnel's own counters, as the admin API lists them.
     entry: &'a TunnelEntry,
 }

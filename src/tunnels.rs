@@ -43,26 +43,14 @@ pub(crate) struct TunnelRegistry {
     map: Mutex<HashMap<u64, Arc<TunnelEntry>>>,
 }
 
-/// Keeps a tunnel registered for as long as it lives.
-pub(crate) struct Registered<'a> {
-    registry: &'a TunnelRegistry,
-    pub(crate) entry: Arc<TunnelEntry>,
-}
-
-impl Drop for Registered<'_> {
-    fn drop(&mut self) {
-        self.registry.lock().remove(&self.entry.id);
-    }
-}
-
 impl TunnelRegistry {
-    pub(crate) fn register(&self, entry: TunnelEntry) -> Registered<'_> {
-        let entry = Arc::new(entry);
-        self.lock().insert(entry.id, entry.clone());
-        Registered {
-            registry: self,
-            entry,
-        }
+    /// Lists a tunnel that just opened; its owner removes it when it ends.
+    pub(crate) fn insert(&self, entry: Arc<TunnelEntry>) {
+        self.lock().insert(entry.id, entry);
+    }
+
+    pub(crate) fn remove(&self, id: u64) {
+        self.lock().remove(&id);
     }
 
     /// The tunnels for which `pred` holds.
