@@ -30,6 +30,9 @@
 //!  drain (SIGTERM): listeners closed ► /readyz 503 ► idle keep-alive connections closed
 //!                   ► each tunnel's Close 1001 at its instant in drain_spread before the grace
 //!                   ends ► exit when every task is done
+//!  upgrade (SIGUSR2): start the binary on disk with the listening sockets (upgrade) ► it
+//!                   takes them (inherited) and binds the rest ► it says ready ► this process
+//!                   stops accepting (sockets left open for the child) ► drain as on SIGTERM
 //! ```
 //!
 //! `admin` serves `/metrics`, `/healthz` and `/readyz`; `metrics` defines every series.
@@ -43,6 +46,7 @@ mod backends;
 mod conn;
 mod downstream;
 mod forward;
+mod inherited;
 mod leftover;
 mod limits;
 mod listener;
@@ -58,9 +62,12 @@ mod shutdown;
 mod tls;
 mod tunnel;
 mod tunnels;
+mod upgrade;
 mod upstream;
 
+pub use inherited::{Inherited, UpgradeFrom};
 pub use server::{Activity, Gateway, Handle, ReloadError, StartError};
+pub use upgrade::{Exec, READY_WITHIN, UpgradeError};
 
 /// Validates the configuration file at `path` and loads its certificates, the way a reload
 /// would: every problem as one line (`file:line: key: message`), none when it is usable.

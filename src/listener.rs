@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::conn::{self, Conn, ListenerKind};
+use crate::inherited::Inherited;
 use crate::limits::Permit;
 use crate::reject::{self, Refusal};
 use crate::server::{Runtime, Shared};
@@ -28,27 +29,43 @@ pub(crate) type ListenKey = (SocketAddr, ListenerKind);
 #[derive(Default)]
 pub(crate) struct Listeners {
     map: Mutex<HashMap<ListenKey, Entry>>,
+    /// The admin listener, handed over with the others on an upgrade.
+    admin: Mutex<Option<Entry>>,
+    /// Accept loops wait for this before their first accept: a process started by an upgrade
+    /// holds its sockets without accepting until the old process confirms the hand-over, so
+    /// nothing it accepted is lost if it is told to go away instead.
+    open: CancellationToken,
 }
 
 struct Entry {
     local: SocketAddr,
     stop: CancellationToken,
     socket: Arc<TcpListener>,
+    /// Also held by the service manager (an inherited socket): see [`Entry::close`].
+    shared: bool,
+    /// The accept loop, which holds the socket until it has seen `stop`.
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Entry {
-    /// Stops accepting now: on Linux, shutting down a listening socket's read side makes the
-    /// kernel refuse new connections at once, before the accept task even runs again.
+    /// Stops accepting now. A socket only this process holds is shut down too: on Linux,
+    /// shutting down a listening socket's read side makes the kernel refuse new connections
+    /// at once, before the accept task even runs again. A socket the service manager also
+    /// holds is only closed, so connections keep waiting in its queue for the next process.
     fn close(&self) {
         self.stop.cancel();
-        let _ = socket2::SockRef::from(&*self.socket).shutdown(std::net::Shutdown::Read);
+        if !self.shared {
+            let _ = socket2::SockRef::from(&*self.socket).shutdown(std::net::Shutdown::Read);
+        }
     }
 }
 
-/// A socket bound for a listener whose accept loop has not started yet.
+/// A socket bound (or inherited) for a listener whose accept loop has not started yet.
 pub(crate) struct Bound {
     key: ListenKey,
     socket: TcpListener,
+    shared: bool,
+    inherited: bool,
 }
 
 /// A listener that could not be bound.
@@ -62,28 +79,62 @@ impl Listeners {
     /// Binds every wanted listener that is not running yet. Fallible and changes nothing: the
     /// sockets accept nothing until [`Listeners::start`] (connections wait in the kernel's
     /// queue meanwhile).
-    pub(crate) fn bind_missing(&self, wanted: &[ListenKey]) -> Result<Vec<Bound>, BindError> {
+    /// Sockets in `inherited` listening on a wanted address are taken instead of binding.
+    pub(crate) fn bind_missing(
+        &self,
+        wanted: &[ListenKey],
+        inherited: &mut Inherited,
+    ) -> Result<Vec<Bound>, BindError> {
         let mut fresh = Vec::new();
         for key in wanted {
             if self.lock().contains_key(key) {
                 continue;
             }
-            let socket = bind(key.0).map_err(|error| BindError { addr: key.0, error })?;
-            fresh.push(Bound { key: *key, socket });
+            let err = |error| BindError { addr: key.0, error };
+            let bound = match inherited.take(key.0) {
+                Some(s) => {
+                    s.listener.set_nonblocking(true).map_err(err)?;
+                    Bound {
+                        key: *key,
+                        socket: TcpListener::from_std(s.listener).map_err(err)?,
+                        shared: s.shared,
+                        inherited: true,
+                    }
+                }
+                None => Bound {
+                    key: *key,
+                    socket: bind(key.0).map_err(err)?,
+                    shared: false,
+                    inherited: false,
+                },
+            };
+            fresh.push(bound);
         }
         Ok(fresh)
     }
 
     /// Starts the accept loops of `bound` and stops the listeners not in `wanted`. Called after
     /// the runtime they serve with has been stored, so no connection meets the old one.
-    pub(crate) fn start(&self, shared: &Arc<Shared>, bound: Vec<Bound>, wanted: &[ListenKey]) {
+    /// Returns the accept loops stopped: once they are done, the sockets are closed.
+    pub(crate) fn start(
+        &self,
+        shared: &Arc<Shared>,
+        bound: Vec<Bound>,
+        wanted: &[ListenKey],
+    ) -> Vec<tokio::task::JoinHandle<()>> {
         let mut map = self.lock();
-        for Bound { key, socket } in bound {
+        for Bound {
+            key,
+            socket,
+            shared: held,
+            inherited,
+        } in bound
+        {
             let local = socket.local_addr().unwrap_or(key.0);
             let stop = CancellationToken::new();
-            tracing::info!(addr = %local, tls = key.1 == ListenerKind::Tls, "listening");
+            tracing::info!(addr = %local, tls = key.1 == ListenerKind::Tls, inherited, "listening");
             let socket = Arc::new(socket);
-            tokio::spawn(accept_loop(
+            let task = tokio::spawn(accept_loop(
                 shared.clone(),
                 socket.clone(),
                 key.1,
@@ -95,17 +146,22 @@ impl Listeners {
                     local,
                     stop,
                     socket,
+                    shared: held,
+                    task: Some(task),
                 },
             );
         }
+        let mut stopped = Vec::new();
         map.retain(|key, e| {
             let keep = wanted.contains(key);
             if !keep {
                 tracing::info!(addr = %e.local, "listener removed");
                 e.close();
+                stopped.extend(e.task.take());
             }
             keep
         });
+        stopped
     }
 
     /// Stops every listener (draining): new connections are refused by the kernel at once.
@@ -113,6 +169,76 @@ impl Listeners {
         for (_, e) in self.lock().drain() {
             e.close();
         }
+    }
+
+    /// Lets the accept loops accept (once; they wait until then).
+    pub(crate) fn open(&self) {
+        self.open.cancel();
+    }
+
+    /// The token accept loops wait on before their first accept.
+    pub(crate) fn opened(&self) -> CancellationToken {
+        self.open.clone()
+    }
+
+    /// Stops every accept loop without shutting any socket down: the process that took them
+    /// over keeps accepting on the same queues.
+    pub(crate) fn release_all(&self) {
+        for (_, e) in self.lock().drain() {
+            e.stop.cancel();
+        }
+        if let Some(e) = self.admin_lock().take() {
+            e.stop.cancel();
+        }
+    }
+
+    /// Binds (or takes from `inherited`) the admin listener; its accept loop stops with the
+    /// token returned.
+    pub(crate) async fn bind_admin(
+        &self,
+        addr: SocketAddr,
+        inherited: &mut Inherited,
+    ) -> io::Result<(Arc<TcpListener>, CancellationToken)> {
+        let (socket, shared) = match inherited.take(addr) {
+            Some(s) => {
+                s.listener.set_nonblocking(true)?;
+                (TcpListener::from_std(s.listener)?, s.shared)
+            }
+            None => (TcpListener::bind(addr).await?, false),
+        };
+        let socket = Arc::new(socket);
+        let stop = CancellationToken::new();
+        *self.admin_lock() = Some(Entry {
+            local: socket.local_addr()?,
+            stop: stop.clone(),
+            socket: socket.clone(),
+            shared,
+            task: None,
+        });
+        Ok((socket, stop))
+    }
+
+    fn admin_lock(&self) -> std::sync::MutexGuard<'_, Option<Entry>> {
+        self.admin.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A duplicate of every listening socket with the name it goes by in `LISTEN_FDNAMES`,
+    /// for the process an upgrade starts.
+    pub(crate) fn duplicates(&self) -> std::io::Result<Vec<(std::os::fd::OwnedFd, &'static str)>> {
+        use std::os::fd::AsFd;
+        let map = self.lock();
+        let admin = self.admin_lock();
+        map.values()
+            .chain(admin.iter())
+            .map(|e| {
+                let name = if e.shared {
+                    "inherited"
+                } else {
+                    crate::inherited::OWN
+                };
+                Ok((e.socket.as_fd().try_clone_to_owned()?, name))
+            })
+            .collect()
     }
 
     /// Bound addresses and whether each is TLS.
@@ -150,9 +276,15 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 /// second, rather than spin.
 pub(crate) async fn accept_with_backoff(
     listener: &TcpListener,
+    open: &CancellationToken,
     stop: &CancellationToken,
     mut on_accept: impl FnMut(TcpStream, SocketAddr),
 ) {
+    tokio::select! {
+        biased;
+        _ = stop.cancelled() => return,
+        _ = open.cancelled() => {}
+    }
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -193,7 +325,8 @@ async fn accept_loop(
     kind: ListenerKind,
     stop: CancellationToken,
 ) {
-    accept_with_backoff(&listener, &stop, |tcp, peer| {
+    let open = shared.listeners.opened();
+    accept_with_backoff(&listener, &open, &stop, |tcp, peer| {
         admit(&shared, tcp, peer, kind)
     })
     .await;
@@ -202,7 +335,7 @@ async fn accept_loop(
 /// Admission right after accept: the per-address rate and cap, before any TLS work. With
 /// `proxy_protocol` it waits for the header, which names the address to count.
 fn admit(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr, kind: ListenerKind) {
-    if shared.drain.is_draining() {
+    if shared.drain.refuses_new() {
         return;
     }
     let accepted = Instant::now();

@@ -154,6 +154,8 @@ pub(crate) struct Metrics {
     pub(crate) backend_connect_seconds: Histogram,
     /// Configuration reloads by result.
     pub(crate) reloads: Family<ResultLabel, Counter>,
+    /// Binary upgrades (SIGUSR2) by result.
+    pub(crate) upgrades: Family<ResultLabel, Counter>,
     /// 1 when the last reload succeeded (or none was tried), 0 when it failed.
     pub(crate) config_ok: Gauge,
     /// The relay's counters, resolved once so tunnels add to them without label lookups.
@@ -223,6 +225,7 @@ impl Metrics {
             handshake_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             backend_connect_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             reloads: Family::default(),
+            upgrades: Family::default(),
             config_ok: Gauge::default(),
             relay: RelayCounters::default(),
             registry: Registry::default(),
@@ -324,6 +327,11 @@ impl Metrics {
             "wsgate_config_reloads",
             "Configuration reloads by result",
             m.reloads.clone(),
+        );
+        r.register(
+            "wsgate_upgrades",
+            "Binary upgrades (SIGUSR2) by result",
+            m.upgrades.clone(),
         );
         r.register(
             "wsgate_policy_closes",

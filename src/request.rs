@@ -43,7 +43,7 @@ pub(crate) async fn decide<'r>(
     if conn.permit.over_capacity {
         return Err(Refusal::Overloaded.into());
     }
-    if conn.shared.drain.is_draining() {
+    if conn.shared.drain.refuses_new() {
         return Err(Refusal::Draining.into());
     }
     let (kind, route) = route_request(rt, req)?;

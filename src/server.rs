@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ConfigErrors};
 use crate::conn::ListenerKind;
+use crate::inherited::Inherited;
 use crate::listener::{BindError, ListenKey, Listeners};
 use crate::relay::orders::{Order, Why};
 use crate::route::RouteTable;
@@ -284,6 +284,16 @@ impl std::error::Error for ReloadError {}
 impl Gateway {
     /// Loads certificates and binds every listener (their accept loops start here too).
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
+        Gateway::bind_with(config, Inherited::none(), true).await
+    }
+
+    /// As [`Gateway::bind`], taking the listeners `inherited` has instead of binding them;
+    /// with `accept_now` false the sockets accept nothing until [`Handle::open`].
+    pub async fn bind_with(
+        config: Config,
+        mut inherited: Inherited,
+        accept_now: bool,
+    ) -> Result<Gateway, StartError> {
         let keys = auth::jwks::Registry::default();
         let backends = backends::Registry::default();
         let metrics = metrics::Metrics::new();
@@ -313,18 +323,21 @@ impl Gateway {
         });
         let bound = shared
             .listeners
-            .bind_missing(&wanted)
+            .bind_missing(&wanted, &mut inherited)
             .map_err(|BindError { addr, error }| StartError::Bind(addr, error))?;
-        shared.listeners.start(&shared, bound, &wanted);
+        if accept_now {
+            shared.listeners.open();
+        }
+        let _ = shared.listeners.start(&shared, bound, &wanted);
         shared.backends_follow(&shared.runtime.load());
         let admin = match admin_addr {
-            Some(addr) => match tokio::net::TcpListener::bind(addr).await {
-                Ok(l) => {
+            Some(addr) => match shared.listeners.bind_admin(addr, &mut inherited).await {
+                Ok((l, stop)) => {
                     let local = l.local_addr().ok();
                     if let Some(a) = local {
                         tracing::info!(addr = %a, "admin listening");
                     }
-                    tokio::spawn(admin::serve(l, shared.clone(), CancellationToken::new()));
+                    tokio::spawn(admin::serve(l, shared.clone(), stop));
                     local
                 }
                 Err(e) => {
@@ -334,6 +347,7 @@ impl Gateway {
             },
             None => None,
         };
+        inherited.finish();
         tokio::spawn(limits_pruner(shared.clone()));
         Ok(Gateway { shared, admin })
     }
@@ -390,7 +404,17 @@ impl Handle {
     /// stored, then the new accept loops start and removed listeners close.
     pub async fn reload(&self) -> Result<(), ReloadError> {
         let path = self.shared.runtime.load().config.path.clone();
-        let result = self.apply(&path);
+        let result = match self.apply(&path) {
+            // Once their accept loops are done the removed listeners' sockets are closed,
+            // inherited ones (never shut down) included.
+            Ok(stopped) => {
+                for t in stopped {
+                    let _ = t.await;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
         let m = &self.shared.metrics;
         match &result {
             Ok(()) => {
@@ -420,7 +444,10 @@ impl Handle {
         result
     }
 
-    fn apply(&self, path: &std::path::Path) -> Result<(), ReloadError> {
+    fn apply(
+        &self,
+        path: &std::path::Path,
+    ) -> Result<Vec<tokio::task::JoinHandle<()>>, ReloadError> {
         let r = self.try_apply(path);
         if r.is_err() {
             self.shared.backends_only_of(&self.shared.runtime.load());
@@ -428,7 +455,10 @@ impl Handle {
         r
     }
 
-    fn try_apply(&self, path: &std::path::Path) -> Result<(), ReloadError> {
+    fn try_apply(
+        &self,
+        path: &std::path::Path,
+    ) -> Result<Vec<tokio::task::JoinHandle<()>>, ReloadError> {
         let config = Config::load(path).map_err(ReloadError::Config)?;
         let runtime =
             Runtime::build(config, &self.shared.registries()).map_err(ReloadError::Config)?;
@@ -436,7 +466,7 @@ impl Handle {
         let bound = self
             .shared
             .listeners
-            .bind_missing(&wanted)
+            .bind_missing(&wanted, &mut Inherited::none())
             .map_err(|BindError { addr, error }| ReloadError::Bind(addr, error))?;
         let cfg = &runtime.config;
         self.shared
@@ -444,9 +474,9 @@ impl Handle {
             .update(&cfg.limits, cfg.server.max_connections.get());
         let runtime = Arc::new(runtime);
         self.shared.runtime.store(runtime.clone());
-        self.shared.listeners.start(&self.shared, bound, &wanted);
+        let stopped = self.shared.listeners.start(&self.shared, bound, &wanted);
         self.shared.backends_follow(&runtime);
-        Ok(())
+        Ok(stopped)
     }
 
     /// Starts draining: listeners close, tunnels get Close frames spread over the end of `grace`.
@@ -463,6 +493,42 @@ impl Handle {
                 }
             }
         }
+    }
+
+    /// Starts the executable on disk again with this gateway's listening sockets, waits until
+    /// it is ready and confirms it; returns its pid. After `Ok` call [`Handle::hand_over`]
+    /// and drain. A failure changes nothing here and counts `wsgate_upgrades_total{result=
+    /// "failed"}` (the new process counts `ok`, in the process that lives on).
+    pub async fn upgrade(&self, exec: &crate::Exec) -> Result<u32, crate::UpgradeError> {
+        let r = crate::upgrade::start(&self.shared.listeners, exec).await;
+        if r.is_err() {
+            self.count_upgrade("failed");
+        }
+        r
+    }
+
+    /// Starts accepting on listeners bound with `accept_now` false; in a process started by
+    /// an upgrade, once the old one confirmed, which also counts the upgrade as done.
+    pub fn open(&self, upgraded: bool) {
+        if upgraded {
+            self.count_upgrade("ok");
+        }
+        self.shared.listeners.open();
+    }
+
+    fn count_upgrade(&self, result: &'static str) {
+        self.shared
+            .metrics
+            .upgrades
+            .get_or_create(&metrics::ResultLabel { result })
+            .inc();
+    }
+
+    /// Lets go of every listener without shutting the sockets down (the new process accepts
+    /// on them) and keeps serving what was accepted; then [`Handle::drain`] as usual.
+    pub fn hand_over(&self) {
+        self.shared.drain.hand_over();
+        self.shared.listeners.release_all();
     }
 
     /// Drains with the configured grace and spread.

@@ -19,6 +19,9 @@ const CLOSE_MARGIN: Duration = Duration::from_millis(500);
 pub(crate) struct Drain {
     token: CancellationToken,
     plan: OnceLock<Plan>,
+    /// Another process took the listeners over (an upgrade): what this one accepted before it
+    /// let go is still served, not refused.
+    handed_over: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -51,6 +54,20 @@ impl Drain {
     /// True once draining started.
     pub(crate) fn is_draining(&self) -> bool {
         self.token.is_cancelled()
+    }
+
+    /// Marks the listeners as handed over to the process an upgrade started; set before the
+    /// drain begins.
+    pub(crate) fn hand_over(&self) {
+        self.handed_over
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// New connections and requests are refused: draining, and not after a hand-over (whose
+    /// connections, accepted before this process let go, would otherwise meet a refusal
+    /// their client never sees from the process that took over).
+    pub(crate) fn refuses_new(&self) -> bool {
+        self.is_draining() && !self.handed_over.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Resolves when draining starts.

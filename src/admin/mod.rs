@@ -37,14 +37,20 @@ const STATUS_PAGE: &str = include_str!("status.html");
 
 /// Serves admin requests until `stop` (it stays up while draining, so `/readyz` can say so),
 /// with the same accept back-off as the client listeners.
-pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+pub(crate) async fn serve(
+    listener: Arc<TcpListener>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    crate::listener::accept_with_backoff(&listener, &stop, |tcp, peer| {
+    let open = shared.listeners.opened();
+    crate::listener::accept_with_backoff(&listener, &open, &stop, |tcp, peer| {
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             tracing::warn!(admin = %peer, "admin connection refused: {MAX_CONNECTIONS} already open");
             return;
         };
         let shared = shared.clone();
+        let stop = stop.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let svc =
@@ -52,11 +58,18 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Canc
                     let shared = shared.clone();
                     async move { Ok::<_, Infallible>(answer(&shared, peer, req).await) }
                 });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEAD_TIMEOUT)
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
+                .serve_connection(TokioIo::new(tcp), svc);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                // Handed over: kept-alive scrapers and health checks move to the new process
+                // after their current request instead of reading this one's drain.
+                _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = conn.await;
         });
     })
     .await;
