@@ -58,6 +58,8 @@ pub(crate) struct Conn {
     pub(crate) span: tracing::Span,
     /// Counts the connection open until the context (and the tunnel holding it) drops.
     pub(crate) _open: crate::listener::OpenGauge,
+    /// Who connected, when the TLS handshake verified a client certificate.
+    pub(crate) client_cert: Option<Box<crate::tls::client_cert::ClientCert>>,
 }
 
 impl Conn {

@@ -433,6 +433,7 @@ async fn connection(a: Accepted, permit: Option<Permit>) {
         rt,
         shared: shared.clone(),
         span: span.clone(),
+        client_cert: None,
     };
     let tunnel = handshake(conn, tcp, deadline).instrument(span).await;
     // A task of its own: this one's state is sized for the handshake and HTTP forwarding,
@@ -443,7 +444,11 @@ async fn connection(a: Accepted, permit: Option<Permit>) {
 }
 
 /// TLS (on a TLS listener) within the deadline, then the requests.
-async fn handshake(conn: Conn, tcp: TcpStream, deadline: Instant) -> Option<crate::tunnel::Tunnel> {
+async fn handshake(
+    mut conn: Conn,
+    tcp: TcpStream,
+    deadline: Instant,
+) -> Option<crate::tunnel::Tunnel> {
     let stream = match conn.listener {
         ListenerKind::Plain => Either::Right(tcp),
         ListenerKind::Tls => {
@@ -457,11 +462,18 @@ async fn handshake(conn: Conn, tcp: TcpStream, deadline: Instant) -> Option<crat
                 crate::downstream::refuse(&conn, tcp, Refusal::PlainHttpOnTls).await;
                 return None;
             }
-            match tokio::time::timeout_at(deadline, ServerTls::accept(tcp, tls_config)).await {
-                Ok(Ok(s)) => Either::Left(Box::new(s)),
+            match tokio::time::timeout_at(deadline, ServerTls::accept(tcp, &tls_config)).await {
+                Ok(Ok(s)) => {
+                    conn.client_cert = s
+                        .peer_leaf()
+                        .and_then(crate::tls::client_cert::ClientCert::from_der)
+                        .map(Box::new);
+                    Either::Left(Box::new(s))
+                }
                 Ok(Err(e)) => {
-                    conn.shared.metrics.tls_failures.inc();
-                    tracing::debug!(error = %e, "TLS handshake failed");
+                    let reason = crate::tls::failure_reason(&e);
+                    conn.shared.metrics.tls_failure(reason);
+                    tracing::debug!(error = %e, reason, "TLS handshake failed");
                     return None;
                 }
                 Err(_) => {

@@ -147,7 +147,7 @@ pub(crate) struct Metrics {
     /// Closes by code and by the side that started them.
     pub(crate) closes: Family<CloseLabel, Counter>,
     /// TLS handshakes that failed.
-    pub(crate) tls_failures: Counter,
+    pub(crate) tls_failures: Family<ReasonLabel, Counter>,
     /// Accept to request head read, seconds.
     pub(crate) handshake_seconds: Histogram,
     /// Backend connect time, seconds.
@@ -221,7 +221,7 @@ impl Metrics {
             ping_timeouts: Counter::default(),
             idle_timeouts: Counter::default(),
             closes: Family::default(),
-            tls_failures: Counter::default(),
+            tls_failures: Family::default(),
             handshake_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             backend_connect_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             reloads: Family::default(),
@@ -382,6 +382,13 @@ impl Metrics {
     }
 
     /// Counts one refused handshake.
+    /// A failed TLS handshake, by `reason`.
+    pub(crate) fn tls_failure(&self, reason: &'static str) {
+        self.tls_failures
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
     pub(crate) fn reject(&self, reason: &'static str) {
         self.rejections.get_or_create(&ReasonLabel { reason }).inc();
     }

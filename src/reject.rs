@@ -57,6 +57,8 @@ pub(crate) enum Refusal {
     NoRoute,
     /// The route's Origin policy refused the upgrade.
     Origin(OriginDenied),
+    /// The route has `require_client_cert` and the connection has no verified certificate.
+    ClientCert,
     /// The request body's framing is broken.
     BadBody(BodyError),
     /// The route needs a JWT and there was none, or it did not verify.
@@ -181,7 +183,7 @@ impl Refusal {
             Refusal::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::WebSocketVersion => StatusCode::UPGRADE_REQUIRED,
             Refusal::NoRoute => StatusCode::NOT_FOUND,
-            Refusal::Origin(_) => StatusCode::FORBIDDEN,
+            Refusal::Origin(_) | Refusal::ClientCert => StatusCode::FORBIDDEN,
             Refusal::Overloaded | Refusal::Draining => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::BackendUnavailable | Refusal::BadBackendHandshake(_) | Refusal::BackendTls => {
                 StatusCode::BAD_GATEWAY
@@ -232,6 +234,7 @@ impl Refusal {
             Refusal::Auth(_) | Refusal::AuthDenied => "auth",
             Refusal::AuthUnavailable => "auth_unavailable",
             Refusal::Origin(_) => "origin",
+            Refusal::ClientCert => "client_cert",
             Refusal::Overloaded => "global_cap",
             Refusal::Draining => "draining",
             Refusal::BackendUnavailable | Refusal::BadBackendHandshake(_) => "backend_error",
@@ -270,6 +273,7 @@ impl Refusal {
             Refusal::NoRoute => "no route for this host and path",
             Refusal::Origin(OriginDenied::Missing) => "Origin header required",
             Refusal::Origin(OriginDenied::NotAllowed) => "Origin not allowed",
+            Refusal::ClientCert => "a client certificate is required",
             Refusal::BadBody(b) => match b {
                 BodyError::ChunkSize => "malformed chunk size in the request body",
                 BodyError::ChunkEnd => "malformed chunk in the request body",

@@ -34,6 +34,9 @@ pub(crate) struct Decision<'r> {
     pub(crate) identity: Identity,
 }
 
+/// The header naming the verified client certificate to the backend (Envoy's).
+const XFCC: http::HeaderName = http::HeaderName::from_static("x-forwarded-client-cert");
+
 /// Decides about one request; on admission `req` holds what the backend is to receive.
 pub(crate) async fn decide<'r>(
     conn: &Conn,
@@ -47,6 +50,16 @@ pub(crate) async fn decide<'r>(
         return Err(Refusal::Draining.into());
     }
     let (kind, route) = route_request(rt, req)?;
+    // Only the gateway says who presented a certificate: whatever the client sent under that
+    // name is dropped, certificate or not.
+    req.headers.remove(XFCC);
+    match &conn.client_cert {
+        Some(c) => {
+            req.headers.insert(XFCC, c.xfcc.clone());
+        }
+        None if route.require_client_cert => return Err(Refusal::ClientCert.into()),
+        None => {}
+    }
     let identity = match route.auth.and_then(|i| rt.auth.get(i)) {
         Some(auth) => crate::auth::authenticate(conn, auth, req, kind == Kind::Upgrade).await?,
         None => Identity::default(),

@@ -32,7 +32,7 @@ pub(crate) struct Runtime {
     /// Routes with their balancing state.
     pub(crate) routes: RouteTable,
     /// TLS server configuration; `None` exactly when there are no TLS listeners.
-    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
+    pub(crate) tls: Option<Arc<tls::TlsConfigs>>,
     /// The authenticators, by their index in `config.auth`.
     pub(crate) auth: Vec<auth::Authenticator>,
     /// The admin API's bearer token (`[admin] token_file`), read with the configuration.

@@ -223,12 +223,18 @@ impl Tunnel {
         } = self;
         let shared = conn.shared.clone();
         let m = &shared.metrics;
+        // An authenticator's subject first; else the client certificate's common name.
+        let subject = identity.subject.clone().or_else(|| {
+            conn.client_cert
+                .as_ref()
+                .and_then(|c| c.common_name.clone())
+        });
         let entry = Arc::new(TunnelEntry {
             id: conn.id,
             client: conn.client,
             route: route.clone(),
             backend: slot.backend().clone(),
-            subject: identity.subject.clone(),
+            subject,
             opened_at: SystemTime::now(),
             opened: Instant::now(),
             bytes_up: AtomicU64::new(0),
@@ -258,7 +264,7 @@ impl Tunnel {
         m.connections_open.get_or_create(&route_label).inc();
         shared.stats.tunnel_opened();
         conn.span
-            .in_scope(|| tracing::info!(subject = identity.subject.as_deref(), "tunnel opened"));
+            .in_scope(|| tracing::info!(subject = entry.subject.as_deref(), "tunnel opened"));
         let relay = relay::Relaying::new(
             relay::Peers {
                 client,

@@ -202,18 +202,66 @@ impl Cx<'_> {
                     format!("\"{name}\" is not a DNS name"),
                 );
             }
+            let client_auth = if s.client_ca.is_some() || s.client_auth.is_some() {
+                // An entry's own mode with [tls]'s bundle, or its own bundle (optional unless
+                // it says required).
+                let ca = s.client_ca.as_ref().or(r.client_ca.as_ref());
+                let ca_key = if s.client_ca.is_some() {
+                    format!("{base}.client_ca")
+                } else {
+                    "tls.client_ca".into()
+                };
+                self.client_auth(&ca_key, ca, &format!("{base}.client_auth"), &s.client_auth)
+            } else {
+                None
+            };
             sni.push(SniCert {
                 server_name: name,
                 cert: self.path_or(&format!("{base}.cert"), &Some(s.cert), ""),
                 key: self.path_or(&format!("{base}.key"), &Some(s.key), ""),
+                client_auth,
             });
         }
+        let client_auth = self.client_auth(
+            "tls.client_ca",
+            r.client_ca.as_ref(),
+            "tls.client_auth",
+            &r.client_auth,
+        );
         Tls {
             cert,
             key,
             sni,
             session_tickets: r.session_tickets.unwrap_or(d::SESSION_TICKETS),
+            client_auth,
         }
+    }
+
+    /// `client_ca` with `client_auth` (`"optional"`, the default, or `"required"`); a mode
+    /// without a bundle is an error.
+    fn client_auth(
+        &mut self,
+        ca_key: &str,
+        ca: Option<&Spanned<String>>,
+        mode_key: &str,
+        mode: &Opt<String>,
+    ) -> Option<ClientAuth> {
+        let required = self.choice(mode_key, mode, &["optional", "required"]) == Some("required");
+        let Some(ca) = ca else {
+            if let Some(m) = mode {
+                let line = self.line(m.span());
+                self.push(
+                    line,
+                    mode_key,
+                    "client_auth needs a client_ca (the CAs that issue client certificates)",
+                );
+            }
+            return None;
+        };
+        Some(ClientAuth {
+            ca: self.path_or(ca_key, &Some(ca.clone()), ""),
+            required,
+        })
     }
 
     fn limits(&mut self, r: RawLimits) -> Limits {
@@ -577,6 +625,7 @@ impl Cx<'_> {
             send_proxy_protocol,
             on_backend_down,
             health,
+            require_client_cert: r.require_client_cert.unwrap_or(false),
         })
     }
 

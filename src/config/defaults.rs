@@ -87,6 +87,8 @@ pub(crate) const DOCUMENTED: &[(&str, &str)] = &[
     ("tls.cert", r#""certs/localhost.pem""#),
     ("tls.key", r#""certs/localhost-key.pem""#),
     ("tls.session_tickets", "true"),
+    ("tls.client_ca", "none"),
+    ("tls.client_auth", "\"optional\""),
     ("tls.sni", "none"),
     ("limits.per_ip_rate", "20"),
     ("limits.per_ip_burst", "40"),
@@ -152,4 +154,5 @@ pub(crate) const DOCUMENTED: &[(&str, &str)] = &[
     ("routes.health.unhealthy_threshold", "3"),
     ("routes.websocket", "none"),
     ("routes.auth", "none"),
+    ("routes.require_client_cert", "false"),
 ];

@@ -134,6 +134,19 @@ pub(crate) struct Tls {
     pub(crate) sni: Vec<SniCert>,
     /// Whether clients get session tickets to resume with a cheaper handshake.
     pub(crate) session_tickets: bool,
+    /// Client certificates asked for on connections no `[[tls.sni]]` entry of its own
+    /// settles.
+    pub(crate) client_auth: Option<ClientAuth>,
+}
+
+/// `client_ca` and `client_auth`: which CAs issue client certificates and whether one is
+/// needed to finish the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ClientAuth {
+    /// PEM bundle of the issuing CAs.
+    pub(crate) ca: Sourced<PathBuf>,
+    /// `client_auth = "required"`: no certificate, no handshake.
+    pub(crate) required: bool,
 }
 
 /// One `[[tls.sni]]` entry.
@@ -145,6 +158,8 @@ pub(crate) struct SniCert {
     pub(crate) cert: Sourced<PathBuf>,
     /// PEM key.
     pub(crate) key: Sourced<PathBuf>,
+    /// This name's own client certificate settings; `None`: `[tls]`'s.
+    pub(crate) client_auth: Option<ClientAuth>,
 }
 
 /// `[limits]`: per-address admission.
@@ -335,6 +350,8 @@ pub(crate) struct Route {
     pub(crate) websocket: WebSocket,
     /// The index in [`Config::auth`] of the authenticator guarding the route.
     pub(crate) auth: Option<usize>,
+    /// Requests without a verified client certificate get 403.
+    pub(crate) require_client_cert: bool,
 }
 
 /// One `[[auth]]` entry.

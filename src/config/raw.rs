@@ -99,6 +99,8 @@ pub(super) struct RawTls {
     pub(super) key: Opt<String>,
     pub(super) sni: Vec<Spanned<RawSni>>,
     pub(super) session_tickets: Option<bool>,
+    pub(super) client_ca: Opt<String>,
+    pub(super) client_auth: Opt<String>,
 }
 
 #[derive(Deserialize)]
@@ -107,6 +109,10 @@ pub(super) struct RawSni {
     pub(super) server_name: Spanned<String>,
     pub(super) cert: Spanned<String>,
     pub(super) key: Spanned<String>,
+    #[serde(default)]
+    pub(super) client_ca: Opt<String>,
+    #[serde(default)]
+    pub(super) client_auth: Opt<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -169,6 +175,7 @@ pub(super) struct RawRoute {
     pub(super) sticky_cookie: Opt<String>,
     #[serde(default)]
     pub(super) backend_tls: Option<bool>,
+    pub(super) require_client_cert: Option<bool>,
     #[serde(default)]
     pub(super) backend_ca: Opt<String>,
     #[serde(default)]

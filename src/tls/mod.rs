@@ -1,7 +1,11 @@
 //! TLS termination: PEM certificates and keys (read with `rustls-pki-types`' `PemObject`),
 //! a check that each key matches its certificate, SNI choice among `[[tls.sni]]` entries, and
-//! the rustls `ServerConfig` (TLS 1.2 and 1.3, ALPN `http/1.1`); [`stream`] runs connections.
+//! the rustls `ServerConfig`s (TLS 1.2 and 1.3, ALPN `http/1.1`): one per distinct client
+//! certificate setting, picked by SNI before the handshake when names differ ([`TlsConfigs`]);
+//! [`stream`] runs connections and [`client_cert`] reads the identity a verified client
+//! certificate gives.
 
+pub(crate) mod client_cert;
 pub(crate) mod stream;
 
 use std::collections::HashMap;
@@ -15,7 +19,7 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::config::{ConfigError, Sourced, Tls};
+use crate::config::{ClientAuth, ConfigError, Sourced, Tls};
 
 /// The crypto provider wsgate uses everywhere.
 pub(crate) fn provider() -> Arc<CryptoProvider> {
@@ -44,12 +48,63 @@ pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(p)
 }
 
-/// Loads every certificate of `tls` and builds the server configuration; errors cite the
-/// config lines.
+/// The server configurations of one snapshot: the one for connections no `[[tls.sni]]` entry
+/// with client certificate settings of its own picks, and those entries' own.
+#[derive(Debug)]
+pub(crate) struct TlsConfigs {
+    default: Arc<ServerConfig>,
+    /// Exact names, then `*.` suffixes, with settings of their own; empty: one configuration
+    /// for all, and no need to read the ClientHello's name before the handshake.
+    exact: HashMap<String, Arc<ServerConfig>>,
+    wildcard: HashMap<String, Arc<ServerConfig>>,
+}
+
+impl TlsConfigs {
+    /// Whether the configuration depends on the client's SNI.
+    pub(crate) fn by_name(&self) -> bool {
+        !self.exact.is_empty() || !self.wildcard.is_empty()
+    }
+
+    /// The configuration for a connection naming `sni`, chosen as the certificate is.
+    pub(crate) fn pick(&self, sni: Option<&str>) -> &Arc<ServerConfig> {
+        let Some(name) = sni else {
+            return &self.default;
+        };
+        let name = name.to_ascii_lowercase();
+        if let Some(c) = self.exact.get(&name) {
+            return c;
+        }
+        if let Some((_, parent)) = name.split_once('.')
+            && let Some(c) = self.wildcard.get(parent)
+        {
+            return c;
+        }
+        &self.default
+    }
+
+    /// The configuration when the name does not matter.
+    pub(crate) fn any(&self) -> &Arc<ServerConfig> {
+        &self.default
+    }
+}
+
+/// The `reason` label of a failed handshake: `client_cert` when the client's certificate was
+/// missing where required or did not verify, else `handshake`.
+pub(crate) fn failure_reason(e: &std::io::Error) -> &'static str {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented) => {
+            "client_cert"
+        }
+        _ => "handshake",
+    }
+}
+
+/// Loads every certificate and client CA bundle of `tls` and builds the server
+/// configurations; errors cite the config lines.
 pub(crate) fn server_config(
     tls: &Tls,
     config_file: &std::path::Path,
-) -> Result<Arc<ServerConfig>, Vec<ConfigError>> {
+) -> Result<Arc<TlsConfigs>, Vec<ConfigError>> {
     let provider = provider();
     let mut errors = Vec::new();
     let default = load_pair(&tls.cert, &tls.key, &provider, config_file, &mut errors);
@@ -63,18 +118,151 @@ pub(crate) fn server_config(
             };
         }
     }
+    // Each distinct client certificate setting once: its verifier and its fingerprint.
+    let mut verifiers: Vec<(Option<ClientAuth>, Option<Verifier>)> = Vec::new();
+    let mut settings = vec![tls.client_auth.clone()];
+    settings.extend(
+        tls.sni
+            .iter()
+            .filter_map(|s| s.client_auth.clone().map(Some)),
+    );
+    for setting in settings {
+        if verifiers.iter().any(|(s, _)| *s == setting) {
+            continue;
+        }
+        let v = match &setting {
+            None => None,
+            Some(ca) => match verifier(ca, &provider, config_file) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    errors.push(e);
+                    None
+                }
+            },
+        };
+        verifiers.push((setting, v));
+    }
     let Some(default) = default else {
         return Err(errors);
     };
     if !errors.is_empty() {
         return Err(errors);
     }
-    let resolver = SniResolver {
+    let resolver = Arc::new(SniResolver {
         exact,
         wildcard,
         default,
+    });
+    let mut built: Vec<(Option<ClientAuth>, Arc<ServerConfig>)> = Vec::new();
+    for (setting, v) in verifiers {
+        let c = one_config(tls, &provider, resolver.clone(), v.as_ref(), config_file)?;
+        built.push((setting, c));
+    }
+    let config_for = |setting: &Option<ClientAuth>| {
+        built
+            .iter()
+            .find(|(s, _)| s == setting)
+            .map(|(_, c)| c.clone())
+            .expect("every setting was built")
     };
-    let mut config = ServerConfig::builder_with_provider(provider)
+    let mut configs = TlsConfigs {
+        default: config_for(&tls.client_auth),
+        exact: HashMap::new(),
+        wildcard: HashMap::new(),
+    };
+    for sni in &tls.sni {
+        let Some(own) = &sni.client_auth else {
+            continue;
+        };
+        let c = config_for(&Some(own.clone()));
+        match sni.server_name.strip_prefix("*.") {
+            Some(suffix) => configs.wildcard.insert(suffix.to_string(), c),
+            None => configs.exact.insert(sni.server_name.clone(), c),
+        };
+    }
+    Ok(Arc::new(configs))
+}
+
+/// A client certificate verifier and the fingerprint of what it accepts.
+struct Verifier {
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    /// SHA-256 over the bundle's certificates and the mode: sessions resume only under the
+    /// setting they were made under.
+    fingerprint: [u8; 32],
+}
+
+/// Reads a `client_ca` bundle and builds its verifier: chain to one of its CAs, validity
+/// dates, and the `clientAuth` extended key usage when the certificate lists usages.
+fn verifier(
+    ca: &ClientAuth,
+    provider: &Arc<CryptoProvider>,
+    file: &std::path::Path,
+) -> Result<Verifier, ConfigError> {
+    let err = |message: String| ConfigError {
+        file: file.to_path_buf(),
+        line: ca.ca.line,
+        key: ca.ca.key.clone(),
+        message,
+    };
+    let path = &ca.ca.value;
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem_error(path, e))
+        .and_then(|it| {
+            it.collect::<Result<Vec<_>, _>>()
+                .map_err(|e| pem_error(path, e))
+        })
+        .map_err(err)?;
+    if certs.is_empty() {
+        return Err(err(format!(
+            "{}: no CERTIFICATE in the file",
+            path.display()
+        )));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    for c in &certs {
+        roots.add(c.clone()).map_err(|e| {
+            err(format!(
+                "{}: not a usable CA certificate: {e}",
+                path.display()
+            ))
+        })?;
+        digest.update(c.as_ref());
+    }
+    digest.update(if ca.required {
+        b"required"
+    } else {
+        b"optional"
+    });
+    let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    );
+    let builder = if ca.required {
+        builder
+    } else {
+        builder.allow_unauthenticated()
+    };
+    let verifier = builder
+        .build()
+        .map_err(|e| err(format!("{}: {e}", path.display())))?;
+    let mut fingerprint = [0u8; 32];
+    fingerprint.copy_from_slice(digest.finish().as_ref());
+    Ok(Verifier {
+        verifier,
+        fingerprint,
+    })
+}
+
+/// One `ServerConfig`: every certificate, and the client certificate setting `verifier`.
+fn one_config(
+    tls: &Tls,
+    provider: &Arc<CryptoProvider>,
+    resolver: Arc<SniResolver>,
+    verifier: Option<&Verifier>,
+    config_file: &std::path::Path,
+) -> Result<Arc<ServerConfig>, Vec<ConfigError>> {
+    let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| {
             vec![ConfigError {
@@ -83,14 +271,17 @@ pub(crate) fn server_config(
                 key: "tls".into(),
                 message: format!("TLS setup failed: {e}"),
             }]
-        })?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(resolver));
+        })?;
+    let builder = match verifier {
+        Some(v) => builder.with_client_cert_verifier(v.verifier.clone()),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     config.ignore_client_order = true;
     if tls.session_tickets {
         // Stateless tickets: resumption costs no server memory however many clients return.
-        config.ticketer = ticketer().map_err(|e| {
+        config.ticketer = ticketer(verifier.map(|v| v.fingerprint)).map_err(|e| {
             vec![ConfigError {
                 file: config_file.to_path_buf(),
                 line: 0,
@@ -105,20 +296,31 @@ pub(crate) fn server_config(
     Ok(Arc::new(config))
 }
 
-/// The process's one ticket key rotator, shared by every `ServerConfig` it builds.
+/// The ticket key rotator for connections under one client certificate setting (`None`: no
+/// client certificates), kept for the process's life.
 ///
-/// A reload builds a new `ServerConfig`; with a new ticketer each time, every ticket issued
+/// A reload builds new `ServerConfig`s; with a new ticketer each time, every ticket issued
 /// before it would stop resuming and a whole fleet would pay full handshakes at once. ring's
-/// `Ticketer` rotates its own keys (every six hours), so keeping it for the process's life
-/// does not keep one key forever.
-fn ticketer() -> Result<Arc<dyn rustls::server::ProducesTickets>, rustls::Error> {
-    static TICKETER: std::sync::OnceLock<Arc<dyn rustls::server::ProducesTickets>> =
-        std::sync::OnceLock::new();
-    if let Some(t) = TICKETER.get() {
+/// `Ticketer` rotates its own keys (every six hours), so keeping it does not keep one key
+/// forever. A setting gets a rotator of its own, so a session (with the certificate rustls
+/// keeps in it, or without one) resumes only under the bundle and mode it was verified under:
+/// after a reload that removes its CA, or makes a certificate required where it was not, its
+/// ticket no longer decrypts and the client goes through a full handshake.
+fn ticketer(
+    setting: Option<[u8; 32]>,
+) -> Result<Arc<dyn rustls::server::ProducesTickets>, rustls::Error> {
+    type Tickets = HashMap<Option<[u8; 32]>, Arc<dyn rustls::server::ProducesTickets>>;
+    static TICKETERS: std::sync::OnceLock<std::sync::Mutex<Tickets>> = std::sync::OnceLock::new();
+    let mut map = TICKETERS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = map.get(&setting) {
         return Ok(t.clone());
     }
     let fresh = rustls::crypto::ring::Ticketer::new()?;
-    Ok(TICKETER.get_or_init(|| fresh).clone())
+    map.insert(setting, fresh.clone());
+    Ok(fresh)
 }
 
 /// Picks the certificate for the client's SNI: exact name, then `*.` wildcard, then default.

@@ -8,10 +8,8 @@
 use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use rustls::ServerConfig;
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, WriteTraffic};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -68,21 +66,59 @@ enum Send<'a> {
 }
 
 impl ServerTls {
-    /// Completes the handshake on `tcp`.
-    pub(crate) async fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result<ServerTls> {
+    /// Completes the handshake on `tcp`, the configuration picked by the client's SNI when
+    /// it depends on it. A handshake that fails on this side sends the peer rustls' alert
+    /// (a bad client certificate's, say) before the error is returned.
+    pub(crate) async fn accept(
+        mut tcp: TcpStream,
+        configs: &crate::tls::TlsConfigs,
+    ) -> io::Result<ServerTls> {
+        let (config, partial) = if configs.by_name() {
+            let (sni, hello) = read_client_hello(&mut tcp).await?;
+            (configs.pick(sni.as_deref()).clone(), hello)
+        } else {
+            (configs.any().clone(), Vec::new())
+        };
         let conn = UnbufferedServerConnection::new(config).map_err(io::Error::other)?;
         let mut s = ServerTls {
             tcp,
             conn,
-            partial: Vec::new(),
+            partial,
             plain: Leftover::default(),
             out: Vec::new(),
             out_pos: 0,
             peer_closed: false,
             closed: false,
         };
-        std::future::poll_fn(|cx| s.poll_handshake(cx)).await?;
+        if let Err(e) = std::future::poll_fn(|cx| s.poll_handshake(cx)).await {
+            s.send_alert().await;
+            return Err(e);
+        }
         Ok(s)
+    }
+
+    /// The peer's certificate chain, once verified (also on a resumed session: rustls keeps
+    /// it in the session).
+    pub(crate) fn peer_leaf(&self) -> Option<&[u8]> {
+        self.conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.as_ref())
+    }
+
+    /// After a failed handshake: the alert rustls queued, written if the socket takes it.
+    /// One call: with the alert taken, rustls would go back to the records it failed on.
+    async fn send_alert(&mut self) {
+        let mut alert = Vec::new();
+        let status = self.conn.process_tls_records(&mut self.partial);
+        if let Ok(ConnectionState::EncodeTlsData(mut e)) = status.state {
+            let _ = encode_into(&mut alert, |buf| e.encode(buf));
+        }
+        if !alert.is_empty() {
+            use tokio::io::AsyncWriteExt;
+            let _ = self.tcp.try_write(&alert);
+            let _ = self.tcp.shutdown().await;
+        }
     }
 
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -129,6 +165,7 @@ impl ServerTls {
         handshake: bool,
     ) -> io::Result<Outcome> {
         let mut partial = std::mem::take(&mut self.partial);
+        let mut failed_at = 0;
         let result = process(
             &mut self.conn,
             &mut partial,
@@ -137,10 +174,14 @@ impl ServerTls {
             &mut self.out,
             send,
             handshake,
+            &mut failed_at,
         );
         let (consumed, outcome) = match result {
             Ok(r) => r,
             Err(e) => {
+                // What rustls consumed before the error goes: a later call (for the alert)
+                // must see the buffer as rustls left it.
+                partial.drain(..failed_at.min(partial.len()));
                 self.partial = partial;
                 return Err(e);
             }
@@ -172,9 +213,53 @@ impl ServerTls {
     }
 }
 
+/// The largest ClientHello read to find the server name before the handshake.
+const MAX_CLIENT_HELLO: usize = 32 * 1024;
+
+/// Reads the ClientHello (rustls' `Acceptor` parses it) and returns its server name and every
+/// byte read, which the handshake then starts from.
+async fn read_client_hello(tcp: &mut TcpStream) -> io::Result<(Option<String>, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tcp.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed during the TLS handshake",
+            ));
+        }
+        seen.extend_from_slice(&chunk[..n]);
+        let mut fed = &chunk[..n];
+        while !fed.is_empty() {
+            if acceptor.read_tls(&mut fed)? == 0 {
+                break;
+            }
+        }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                let name = accepted.client_hello().server_name().map(str::to_string);
+                return Ok((name, seen));
+            }
+            Ok(None) if seen.len() < MAX_CLIENT_HELLO => {}
+            Ok(None) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "ClientHello too large",
+                ));
+            }
+            Err((e, _)) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        }
+    }
+}
+
 /// Runs the TLS state machine over `input`. Decrypted data goes to `sink` while it has room,
 /// then to `plain`; handshake records are encoded into `out`; `send` is encrypted once the
-/// connection is in its traffic state. Returns how many input bytes were consumed.
+/// connection is in its traffic state. Returns how many input bytes were consumed; when
+/// rustls fails, `failed_at` says how many it had consumed by then.
+#[allow(clippy::too_many_arguments)]
 fn process(
     conn: &mut UnbufferedServerConnection,
     input: &mut [u8],
@@ -183,6 +268,7 @@ fn process(
     out: &mut Vec<u8>,
     mut send: Send<'_>,
     handshake: bool,
+    failed_at: &mut usize,
 ) -> io::Result<(usize, Outcome)> {
     let mut offset = 0;
     // rustls reports the peer's close once, then moves on to the next state.
@@ -190,9 +276,10 @@ fn process(
     loop {
         let status = conn.process_tls_records(&mut input[offset..]);
         let mut discard = status.discard;
-        let state = status
-            .state
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let state = status.state.map_err(|e| {
+            *failed_at = offset + discard;
+            io::Error::new(io::ErrorKind::InvalidData, e)
+        })?;
         let outcome = match state {
             ConnectionState::ReadTraffic(mut r) => {
                 // Records must be taken now: their bytes are already counted in `discard`.
@@ -363,6 +450,7 @@ impl AsyncRead for ServerTls {
                     &mut this.out,
                     Send::Nothing,
                     false,
+                    &mut 0,
                 )?;
                 this.partial.clear();
                 if consumed < end {

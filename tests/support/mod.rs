@@ -24,23 +24,32 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 pub struct Pki {
     pub dir: tempfile::TempDir,
     pub ca_der: CertificateDer<'static>,
+    /// The CA certificate in PEM, for `client_ca` bundles.
+    pub ca_pem: String,
     ca_params: rcgen::CertificateParams,
     ca_key: rcgen::KeyPair,
 }
 
 impl Pki {
     pub fn new() -> Pki {
+        Pki::named("wsgate test CA")
+    }
+
+    /// A CA with its own name (two CAs of one name differ only by key: a certificate of one
+    /// then fails the other's signature check rather than its issuer lookup).
+    pub fn named(cn: &str) -> Pki {
         let dir = tempfile::tempdir().unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         params
             .distinguished_name
-            .push(rcgen::DnType::CommonName, "wsgate test CA");
+            .push(rcgen::DnType::CommonName, cn);
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let ca = params.self_signed(&ca_key).unwrap();
         Pki {
             dir,
             ca_der: ca.der().clone(),
+            ca_pem: ca.pem(),
             ca_params: params,
             ca_key,
         }
@@ -59,6 +68,57 @@ impl Pki {
         std::fs::write(&cert_path, cert.pem()).unwrap();
         std::fs::write(&key_path, key.serialize_pem()).unwrap();
         (cert_path, key_path)
+    }
+
+    /// A client certificate for `cn` signed by this CA: with `eku` as its extended key
+    /// usages (none: no extension), expired when `expired`.
+    pub fn issue_client(
+        &self,
+        cn: &str,
+        eku: Vec<rcgen::ExtendedKeyUsagePurpose>,
+        expired: bool,
+    ) -> (
+        CertificateDer<'static>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ) {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.extended_key_usages = eku;
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        let issuer = rcgen::Issuer::from_params(&self.ca_params, &self.ca_key);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        (
+            cert.der().clone(),
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+    }
+
+    /// A client trusting this CA that presents `cert` when asked.
+    pub fn client_config_presenting(
+        &self,
+        cert: Option<(
+            CertificateDer<'static>,
+            rustls::pki_types::PrivateKeyDer<'static>,
+        )>,
+    ) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca_der.clone()).unwrap();
+        let b = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+        Arc::new(match cert {
+            Some((c, k)) => b.with_client_auth_cert(vec![c], k).unwrap(),
+            None => b.with_no_client_auth(),
+        })
     }
 
     pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
