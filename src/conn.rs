@@ -60,6 +60,9 @@ pub(crate) struct Conn {
     pub(crate) _open: crate::listener::OpenGauge,
     /// Who connected, when the TLS handshake verified a client certificate.
     pub(crate) client_cert: Option<Box<crate::tls::client_cert::ClientCert>>,
+    /// The TLS configuration the handshake used, kept only when names have configurations
+    /// of their own (requests must name a host of the same one).
+    pub(crate) tls_config: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 impl Conn {

@@ -434,6 +434,7 @@ async fn connection(a: Accepted, permit: Option<Permit>) {
         shared: shared.clone(),
         span: span.clone(),
         client_cert: None,
+        tls_config: None,
     };
     let tunnel = handshake(conn, tcp, deadline).instrument(span).await;
     // A task of its own: this one's state is sized for the handshake and HTTP forwarding,
@@ -462,20 +463,29 @@ async fn handshake(
                 crate::downstream::refuse(&conn, tcp, Refusal::PlainHttpOnTls).await;
                 return None;
             }
-            match tokio::time::timeout_at(deadline, ServerTls::accept(tcp, &tls_config)).await {
-                Ok(Ok(s)) => {
-                    conn.client_cert = s
-                        .peer_leaf()
-                        .and_then(crate::tls::client_cert::ClientCert::from_der)
-                        .map(Box::new);
+            let shared = conn.shared.clone();
+            let failed = |e: &std::io::Error| {
+                let reason = crate::tls::failure_reason(e);
+                shared.metrics.tls_failure(reason);
+                tracing::debug!(error = %e, reason, "TLS handshake failed");
+            };
+            match tokio::time::timeout_at(deadline, ServerTls::accept(tcp, &tls_config, failed))
+                .await
+            {
+                Ok(Ok((s, used))) => {
+                    if let Some(leaf) = s.peer_leaf() {
+                        conn.client_cert =
+                            crate::tls::client_cert::ClientCert::from_der(leaf).map(Box::new);
+                        if conn.client_cert.is_none() {
+                            tracing::warn!(
+                                "a verified client certificate could not be read; treated as none"
+                            );
+                        }
+                    }
+                    conn.tls_config = used;
                     Either::Left(Box::new(s))
                 }
-                Ok(Err(e)) => {
-                    let reason = crate::tls::failure_reason(&e);
-                    conn.shared.metrics.tls_failure(reason);
-                    tracing::debug!(error = %e, reason, "TLS handshake failed");
-                    return None;
-                }
+                Ok(Err(_)) => return None,
                 Err(_) => {
                     reject::record(&conn.shared, Refusal::HandshakeTimeout);
                     return None;

@@ -59,6 +59,9 @@ pub(crate) enum Refusal {
     Origin(OriginDenied),
     /// The route has `require_client_cert` and the connection has no verified certificate.
     ClientCert,
+    /// The Host names a server name whose TLS settings (client certificates) differ from
+    /// those the connection's handshake used.
+    Misdirected,
     /// The request body's framing is broken.
     BadBody(BodyError),
     /// The route needs a JWT and there was none, or it did not verify.
@@ -184,6 +187,7 @@ impl Refusal {
             Refusal::WebSocketVersion => StatusCode::UPGRADE_REQUIRED,
             Refusal::NoRoute => StatusCode::NOT_FOUND,
             Refusal::Origin(_) | Refusal::ClientCert => StatusCode::FORBIDDEN,
+            Refusal::Misdirected => StatusCode::MISDIRECTED_REQUEST,
             Refusal::Overloaded | Refusal::Draining => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::BackendUnavailable | Refusal::BadBackendHandshake(_) | Refusal::BackendTls => {
                 StatusCode::BAD_GATEWAY
@@ -235,6 +239,7 @@ impl Refusal {
             Refusal::AuthUnavailable => "auth_unavailable",
             Refusal::Origin(_) => "origin",
             Refusal::ClientCert => "client_cert",
+            Refusal::Misdirected => "misdirected",
             Refusal::Overloaded => "global_cap",
             Refusal::Draining => "draining",
             Refusal::BackendUnavailable | Refusal::BadBackendHandshake(_) => "backend_error",
@@ -274,6 +279,9 @@ impl Refusal {
             Refusal::Origin(OriginDenied::Missing) => "Origin header required",
             Refusal::Origin(OriginDenied::NotAllowed) => "Origin not allowed",
             Refusal::ClientCert => "a client certificate is required",
+            Refusal::Misdirected => {
+                "this host needs a TLS connection of its own (use its name as SNI)"
+            }
             Refusal::BadBody(b) => match b {
                 BodyError::ChunkSize => "malformed chunk size in the request body",
                 BodyError::ChunkEnd => "malformed chunk in the request body",

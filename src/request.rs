@@ -35,7 +35,7 @@ pub(crate) struct Decision<'r> {
 }
 
 /// The header naming the verified client certificate to the backend (Envoy's).
-const XFCC: http::HeaderName = http::HeaderName::from_static("x-forwarded-client-cert");
+pub(crate) const XFCC: http::HeaderName = http::HeaderName::from_static("x-forwarded-client-cert");
 
 /// Decides about one request; on admission `req` holds what the backend is to receive.
 pub(crate) async fn decide<'r>(
@@ -50,6 +50,15 @@ pub(crate) async fn decide<'r>(
         return Err(Refusal::Draining.into());
     }
     let (kind, route) = route_request(rt, req)?;
+    // Names with client certificate settings of their own are one TLS configuration each:
+    // a request for such a name on a connection made under another (no SNI, another SNI)
+    // would skip that name's certificate check.
+    if let (Some(used), Some(configs)) = (&conn.tls_config, &rt.tls) {
+        let host = host_of(req).map(crate::route::strip_port);
+        if !std::sync::Arc::ptr_eq(used, configs.pick(host)) {
+            return Err(Refusal::Misdirected.into());
+        }
+    }
     // Only the gateway says who presented a certificate: whatever the client sent under that
     // name is dropped, certificate or not.
     req.headers.remove(XFCC);

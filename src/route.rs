@@ -160,7 +160,7 @@ pub(crate) fn has_dot_segment(path: &str) -> bool {
         .any(|seg| seg == b"." || seg == b"..")
 }
 
-fn strip_port(host: &str) -> &str {
+pub(crate) fn strip_port(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
         return rest.split(']').next().unwrap_or(rest);
     }

@@ -229,7 +229,7 @@ async fn plain_get(g: &Gate, client: Arc<rustls::ClientConfig>, path: &str) -> S
     let mut s = tls_connect(g.tls_addr, client, "localhost").await.unwrap();
     s.write_all(
         format!(
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-Client-Cert: Hash=forged\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-Client-Cert: Hash=forged\r\nConnection: close, X-Forwarded-Client-Cert\r\n\r\n"
         )
         .as_bytes(),
     )
@@ -304,7 +304,8 @@ async fn optional_mode_serves_without_a_certificate_but_not_where_a_route_requir
         xfcc_seen(&mut telemetry).await,
         vec![format!("Hash={hash};Subject=\"CN=sensor-7\"")]
     );
-    // Plain requests carry it too, the client's own removed.
+    // Plain requests carry it too, the client's own removed (and its `Connection` naming the
+    // header cannot take the gateway's away).
     let body = plain_get(&g, device, "/plain").await;
     assert!(
         body.ends_with(&format!("hash={hash};subject=\"cn=sensor-7\"\n")),
@@ -350,6 +351,23 @@ async fn a_name_of_its_own_can_require_certificates_another_does_not() {
         .await
         .unwrap();
     echo(&mut d, "a device on its name").await;
+    // The name's requirement cannot be skipped by naming it in Host only.
+    let mut s = tls_connect(
+        g.tls_addr,
+        g.pki.client_config_presenting(None),
+        "localhost",
+    )
+    .await
+    .unwrap();
+    s.write_all(
+        upgrade_request("/chat", "")
+            .replace("Host: localhost", "Host: devices.localhost")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let answer = read_all(&mut s).await;
+    assert_eq!(status_of(&answer), 421, "{answer}");
 }
 
 #[tokio::test]
@@ -374,6 +392,15 @@ async fn a_reload_that_swaps_the_bundle_refuses_the_old_cas_certificates_and_kee
         .await
         .unwrap();
     echo(&mut tunnel, "before the reload").await;
+    let resumed = tls_connect(g.tls_addr, old_device.clone(), "localhost")
+        .await
+        .unwrap();
+    assert_eq!(
+        resumed.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed),
+        "the old device holds a session that resumes before the reload"
+    );
+    drop(resumed);
 
     std::fs::write(&ca, &next.ca_pem).unwrap();
     g.handle.reload().await.unwrap();

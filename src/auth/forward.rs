@@ -22,11 +22,12 @@ use crate::upstream::headers::forward_headers;
 const MAX_BODY: usize = 64 * 1024;
 
 /// The request headers of the client passed to the auth service.
-const PASSED: [HeaderName; 4] = [
+const PASSED: [HeaderName; 5] = [
     header::COOKIE,
     header::AUTHORIZATION,
     header::ORIGIN,
     header::USER_AGENT,
+    crate::request::XFCC,
 ];
 
 /// The forwarding headers of the gateway passed to the auth service.

@@ -203,15 +203,16 @@ impl Cx<'_> {
                 );
             }
             let client_auth = if s.client_ca.is_some() || s.client_auth.is_some() {
-                // An entry's own mode with [tls]'s bundle, or its own bundle (optional unless
-                // it says required).
+                // An entry's own mode with [tls]'s bundle, or its own bundle with [tls]'s mode
+                // unless it names one (never quietly weaker than [tls]).
                 let ca = s.client_ca.as_ref().or(r.client_ca.as_ref());
+                let mode = s.client_auth.clone().or_else(|| r.client_auth.clone());
                 let ca_key = if s.client_ca.is_some() {
                     format!("{base}.client_ca")
                 } else {
                     "tls.client_ca".into()
                 };
-                self.client_auth(&ca_key, ca, &format!("{base}.client_auth"), &s.client_auth)
+                self.client_auth(&ca_key, ca, &format!("{base}.client_auth"), &mode)
             } else {
                 None
             };

@@ -70,7 +70,7 @@ impl TlsConfigs {
         let Some(name) = sni else {
             return &self.default;
         };
-        let name = name.to_ascii_lowercase();
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
         if let Some(c) = self.exact.get(&name) {
             return c;
         }
@@ -170,11 +170,14 @@ pub(crate) fn server_config(
         exact: HashMap::new(),
         wildcard: HashMap::new(),
     };
-    for sni in &tls.sni {
-        let Some(own) = &sni.client_auth else {
-            continue;
+    // Every entry, with or without settings of its own, so the configuration is picked by
+    // exactly the rule the certificate is (an exact name beats a wildcard with settings).
+    let any_own = tls.sni.iter().any(|s| s.client_auth.is_some());
+    for sni in tls.sni.iter().filter(|_| any_own) {
+        let c = match &sni.client_auth {
+            Some(own) => config_for(&Some(own.clone())),
+            None => config_for(&tls.client_auth),
         };
-        let c = config_for(&Some(own.clone()));
         match sni.server_name.strip_prefix("*.") {
             Some(suffix) => configs.wildcard.insert(suffix.to_string(), c),
             None => configs.exact.insert(sni.server_name.clone(), c),
@@ -336,7 +339,7 @@ impl ResolvesServerCert for SniResolver {
         let Some(name) = hello.server_name() else {
             return Some(self.default.clone());
         };
-        let name = name.to_ascii_lowercase();
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
         if let Some(ck) = self.exact.get(&name) {
             return Some(ck.clone());
         }

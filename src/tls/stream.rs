@@ -69,15 +69,25 @@ impl ServerTls {
     /// Completes the handshake on `tcp`, the configuration picked by the client's SNI when
     /// it depends on it. A handshake that fails on this side sends the peer rustls' alert
     /// (a bad client certificate's, say) before the error is returned.
+    /// Also returns the configuration used when it depended on the SNI. `failed` sees the
+    /// error first (before the alert goes out, so it is counted by the time the peer reads it).
     pub(crate) async fn accept(
         mut tcp: TcpStream,
         configs: &crate::tls::TlsConfigs,
-    ) -> io::Result<ServerTls> {
-        let (config, partial) = if configs.by_name() {
-            let (sni, hello) = read_client_hello(&mut tcp).await?;
-            (configs.pick(sni.as_deref()).clone(), hello)
+        failed: impl FnOnce(&io::Error),
+    ) -> io::Result<(ServerTls, Option<std::sync::Arc<rustls::ServerConfig>>)> {
+        let (config, partial, used) = if configs.by_name() {
+            let (sni, hello) = match read_client_hello(&mut tcp).await {
+                Ok(x) => x,
+                Err(e) => {
+                    failed(&e);
+                    return Err(e);
+                }
+            };
+            let c = configs.pick(sni.as_deref()).clone();
+            (c.clone(), hello, Some(c))
         } else {
-            (configs.any().clone(), Vec::new())
+            (configs.any().clone(), Vec::new(), None)
         };
         let conn = UnbufferedServerConnection::new(config).map_err(io::Error::other)?;
         let mut s = ServerTls {
@@ -91,10 +101,11 @@ impl ServerTls {
             closed: false,
         };
         if let Err(e) = std::future::poll_fn(|cx| s.poll_handshake(cx)).await {
+            failed(&e);
             s.send_alert().await;
             return Err(e);
         }
-        Ok(s)
+        Ok((s, used))
     }
 
     /// The peer's certificate chain, once verified (also on a resumed session: rustls keeps
@@ -114,11 +125,29 @@ impl ServerTls {
         if let Ok(ConnectionState::EncodeTlsData(mut e)) = status.state {
             let _ = encode_into(&mut alert, |buf| e.encode(buf));
         }
-        if !alert.is_empty() {
-            use tokio::io::AsyncWriteExt;
-            let _ = self.tcp.try_write(&alert);
-            let _ = self.tcp.shutdown().await;
+        if alert.is_empty() {
+            return;
         }
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // After whatever was queued before it, whole; then a short linger reading what the
+        // client already sent (its request after Finished, in TLS 1.3), so the close does not
+        // turn into a reset that destroys the alert in flight.
+        let pending = self.out.split_off(self.out_pos.min(self.out.len()));
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(500), async {
+            self.tcp.write_all(&pending).await?;
+            self.tcp.write_all(&alert).await?;
+            self.tcp.shutdown().await?;
+            let mut sink = [0u8; 4096];
+            let mut total = 0;
+            while total < 64 * 1024 {
+                match self.tcp.read(&mut sink).await? {
+                    0 => break,
+                    n => total += n,
+                }
+            }
+            Ok::<_, io::Error>(())
+        })
+        .await;
     }
 
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -10,6 +10,11 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 pub(crate) fn forward_headers(src: &HeaderMap, client: SocketAddr, proto: &str) -> HeaderMap {
     let mut out = src.clone();
     strip_hop_by_hop(&mut out);
+    // The gateway's own (the decision path replaced the client's): `Connection` naming it
+    // must not take a verified identity away from the backend.
+    if let Some(v) = src.get(crate::request::XFCC) {
+        out.insert(crate::request::XFCC, v.clone());
+    }
     let ip = client.ip();
     let xff = join_values(src, "x-forwarded-for", &ip.to_string());
     let host = src
