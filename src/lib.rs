@@ -43,6 +43,7 @@ pub mod systemd;
 mod admin;
 mod auth;
 mod backends;
+mod cluster;
 mod conn;
 mod downstream;
 mod forward;

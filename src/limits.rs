@@ -1,9 +1,13 @@
 //! Admission right after accept, before any TLS work: the per-address connection rate
 //! (`governor`, keyed by IPv4 address or IPv6 prefix), the per-address concurrency cap, and the
 //! global count whose overflow is answered with 503 after TLS. Admission is a [`Permit`] the
-//! connection task holds; dropping it gives the slots back.
+//! connection task holds; dropping it gives the slots back. With `[cluster]` the rate is a
+//! fleet bucket instead ([`Fleet`]): every instance's admissions debit it (the others' arrive
+//! through [`crate::cluster`] within a sync interval, and may drive it below zero), and the
+//! cap counts the other instances' open connections too; the decision stays local and
+//! instant either way.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,7 +23,7 @@ use crate::reject::Refusal;
 
 /// The key a client is counted under: its IPv4 address, or its IPv6 prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) struct IpKey(IpAddr);
+pub(crate) struct IpKey(pub(crate) IpAddr);
 
 impl IpKey {
     /// The key of `ip` with IPv6 addresses cut to `v6_prefix` bits (IPv4-mapped ones unwrapped).
@@ -57,6 +61,43 @@ pub(crate) struct Admission {
     rate: ArcSwapOption<KeyedLimiter>,
     per_ip: Mutex<HashMap<IpKey, u32>>,
     active: AtomicUsize,
+    /// Fleet-wide state, when `[cluster]` is configured.
+    fleet: Mutex<Option<Fleet>>,
+}
+
+/// The per-address budget shared with other instances.
+#[derive(Default)]
+struct Fleet {
+    /// Token buckets debited by admissions anywhere in the fleet.
+    buckets: HashMap<IpKey, Bucket>,
+    /// This instance's admissions per key since the last sync.
+    admitted: HashMap<IpKey, u32>,
+    /// Keys whose open count here changed since the last sync.
+    dirty: HashSet<IpKey>,
+    /// Open connections per key on the other instances, summed.
+    remote_open: HashMap<IpKey, u32>,
+}
+
+/// A token bucket; `tokens` goes negative when other instances spent more than was left.
+#[derive(Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+impl Bucket {
+    fn refill(&mut self, rate: f64, burst: f64, now: std::time::Instant) {
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + dt * rate).min(burst);
+        self.at = now;
+    }
+}
+
+/// What an instance tells the others each sync: admissions per key since the last one, and
+/// the open count of every key that changed (every key with `full`).
+pub(crate) struct Usage {
+    pub(crate) admitted: Vec<(IpKey, u32)>,
+    pub(crate) open: Vec<(IpKey, u32)>,
 }
 
 /// A connection's hold on its admission slots.
@@ -78,6 +119,7 @@ impl Admission {
             rate: ArcSwapOption::empty(),
             per_ip: Mutex::new(HashMap::new()),
             active: AtomicUsize::new(0),
+            fleet: Mutex::new(None),
         };
         a.rate.store(limiter(limits).map(Arc::new));
         Arc::new(a)
@@ -98,24 +140,69 @@ impl Admission {
         }
     }
 
+    /// Shares the budget with a fleet from now on.
+    pub(crate) fn join_fleet(&self) {
+        *self.fleet_lock() = Some(Fleet::default());
+    }
+
+    fn fleet_lock(&self) -> std::sync::MutexGuard<'_, Option<Fleet>> {
+        self.fleet.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Admits or refuses a new connection from `ip`.
     pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, Refusal> {
         let s = self.settings.load();
         let key = IpKey::new(ip, s.limits.ipv6_prefix);
-        if let Some(rate) = &*self.rate.load()
-            && rate.check_key(&key).is_err()
-        {
-            return Err(Refusal::RateLimit);
-        }
         let cap = s.limits.per_ip_max_connections;
+        let mut fleet = self.fleet_lock();
+        match fleet.as_mut() {
+            Some(f) if s.limits.per_ip_rate > 0 => {
+                let (rate, burst) = (
+                    f64::from(s.limits.per_ip_rate),
+                    f64::from(s.limits.per_ip_burst.max(1)),
+                );
+                let now = std::time::Instant::now();
+                let b = f.buckets.entry(key).or_insert(Bucket {
+                    tokens: burst,
+                    at: now,
+                });
+                b.refill(rate, burst, now);
+                if b.tokens < 1.0 {
+                    return Err(Refusal::RateLimit);
+                }
+                b.tokens -= 1.0;
+            }
+            Some(_) => {}
+            None => {
+                if let Some(rate) = &*self.rate.load()
+                    && rate.check_key(&key).is_err()
+                {
+                    return Err(Refusal::RateLimit);
+                }
+            }
+        }
         if cap > 0 {
+            let remote = fleet
+                .as_ref()
+                .and_then(|f| f.remote_open.get(&key).copied())
+                .unwrap_or(0);
             let mut map = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
             let n = map.entry(key).or_insert(0);
-            if *n >= cap {
+            if *n + remote >= cap {
+                if *n == 0 {
+                    map.remove(&key);
+                }
                 return Err(Refusal::PerIpCap);
             }
             *n += 1;
         }
+        if let Some(f) = fleet.as_mut() {
+            *f.admitted.entry(key).or_insert(0) += 1;
+            if cap > 0 {
+                f.dirty.insert(key);
+            }
+        }
+        drop(fleet);
         let before = self.active.fetch_add(1, Ordering::Relaxed);
         Ok(Permit {
             admission: self.clone(),
@@ -126,9 +213,86 @@ impl Admission {
 
     /// Forgets rate state of addresses that have been quiet long enough to be at rest again.
     pub(crate) fn prune(&self) -> usize {
+        if let Some(f) = self.fleet_lock().as_mut() {
+            let s = self.settings.load();
+            let (rate, burst) = (
+                f64::from(s.limits.per_ip_rate),
+                f64::from(s.limits.per_ip_burst.max(1)),
+            );
+            let now = std::time::Instant::now();
+            f.buckets.retain(|_, b| {
+                b.refill(rate, burst, now);
+                b.tokens < burst
+            });
+            f.buckets.shrink_to_fit();
+            return f.buckets.len();
+        }
         match &*self.rate.load() {
             Some(r) => prune(r),
             None => 0,
+        }
+    }
+
+    /// This instance's usage since the last call, for the other instances.
+    pub(crate) fn take_usage(&self, full: bool) -> Usage {
+        let mut fleet = self.fleet_lock();
+        let Some(f) = fleet.as_mut() else {
+            return Usage {
+                admitted: Vec::new(),
+                open: Vec::new(),
+            };
+        };
+        let admitted: Vec<_> = f.admitted.drain().collect();
+        let dirty: Vec<IpKey> = f.dirty.drain().collect();
+        drop(fleet);
+        let map = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let open = if full {
+            map.iter().map(|(k, n)| (*k, *n)).collect()
+        } else {
+            dirty
+                .into_iter()
+                .map(|k| (k, map.get(&k).copied().unwrap_or(0)))
+                .collect()
+        };
+        Usage { admitted, open }
+    }
+
+    /// Admissions other instances made: they spend this instance's buckets too, below zero
+    /// if need be, so the fleet as a whole keeps to the budget: when every instance spent its
+    /// full burst at once, the debt makes them all wait until the fleet's refill has paid for
+    /// it. The floor only bounds a debt no real fleet runs up.
+    pub(crate) fn debit(&self, admitted: &[(IpKey, u32)]) {
+        let s = self.settings.load();
+        if s.limits.per_ip_rate == 0 {
+            return;
+        }
+        let (rate, burst) = (
+            f64::from(s.limits.per_ip_rate),
+            f64::from(s.limits.per_ip_burst.max(1)),
+        );
+        let now = std::time::Instant::now();
+        let mut fleet = self.fleet_lock();
+        let Some(f) = fleet.as_mut() else {
+            return;
+        };
+        for (key, n) in admitted {
+            let b = f.buckets.entry(*key).or_insert(Bucket {
+                tokens: burst,
+                at: now,
+            });
+            b.refill(rate, burst, now);
+            b.tokens = (b.tokens - f64::from(*n)).max(-(16.0 * burst + rate));
+        }
+    }
+
+    /// The other instances' open connections from `key`, summed.
+    pub(crate) fn set_remote_open(&self, key: IpKey, n: u32) {
+        if let Some(f) = self.fleet_lock().as_mut() {
+            if n == 0 {
+                f.remote_open.remove(&key);
+            } else {
+                f.remote_open.insert(key, n);
+            }
         }
     }
 }
@@ -137,6 +301,9 @@ impl Drop for Permit {
     fn drop(&mut self) {
         self.admission.active.fetch_sub(1, Ordering::Relaxed);
         if let Some(key) = self.key {
+            if let Some(f) = self.admission.fleet_lock().as_mut() {
+                f.dirty.insert(key);
+            }
             let mut map = self
                 .admission
                 .per_ip

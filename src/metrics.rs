@@ -158,6 +158,8 @@ pub(crate) struct Metrics {
     pub(crate) upgrades: Family<ResultLabel, Counter>,
     /// 1 when the last reload succeeded (or none was tried), 0 when it failed.
     pub(crate) config_ok: Gauge,
+    /// 1 while Redis answers this instance's `[cluster]` syncs.
+    pub(crate) cluster_redis_up: Gauge,
     /// The relay's counters, resolved once so tunnels add to them without label lookups.
     pub(crate) relay: RelayCounters,
 }
@@ -227,6 +229,7 @@ impl Metrics {
             reloads: Family::default(),
             upgrades: Family::default(),
             config_ok: Gauge::default(),
+            cluster_redis_up: Gauge::default(),
             relay: RelayCounters::default(),
             registry: Registry::default(),
         };
@@ -377,6 +380,11 @@ impl Metrics {
             "wsgate_config_last_reload_successful",
             "1 if the last reload succeeded",
             m.config_ok.clone(),
+        );
+        r.register(
+            "wsgate_cluster_redis_up",
+            "1 while Redis answers the [cluster] syncs, 0 while this instance decides alone",
+            m.cluster_redis_up.clone(),
         );
         Metrics { registry: r, ..m }
     }

@@ -126,6 +126,8 @@ pub(crate) struct Shared {
     pub(crate) backends: backends::Registry,
     /// Every live tunnel.
     pub(crate) tunnels: TunnelRegistry,
+    /// The fleet, with `[cluster]` (read at start; a reload does not change it).
+    pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
     next_id: AtomicU64,
 }
 
@@ -294,6 +296,9 @@ impl Gateway {
         mut inherited: Inherited,
         accept_now: bool,
     ) -> Result<Gateway, StartError> {
+        // Crates that build rustls configurations of their own (the Redis client for
+        // rediss://) take the process default: wsgate's provider, not a panic over two.
+        let _ = rustls::crypto::CryptoProvider::install_default((*tls::provider()).clone());
         let keys = auth::jwks::Registry::default();
         let backends = backends::Registry::default();
         let metrics = metrics::Metrics::new();
@@ -306,6 +311,7 @@ impl Gateway {
         let cfg = &runtime.config;
         let admission = limits::Admission::new(&cfg.limits, cfg.server.max_connections.get());
         let admin_addr = cfg.admin.listen;
+        let cluster_conf = cfg.cluster.clone();
         let wanted = runtime.listen_keys();
         let shared = Arc::new(Shared {
             admission,
@@ -318,6 +324,7 @@ impl Gateway {
             keys,
             backends,
             tunnels: TunnelRegistry::default(),
+            cluster: cluster_conf.as_ref().and_then(crate::cluster::Cluster::new),
             next_id: AtomicU64::new(1),
             runtime: ArcSwap::from_pointee(runtime),
         });
@@ -349,6 +356,9 @@ impl Gateway {
         };
         inherited.finish();
         tokio::spawn(limits_pruner(shared.clone()));
+        if let Some(c) = &shared.cluster {
+            crate::cluster::start(shared.clone(), c.clone());
+        }
         Ok(Gateway { shared, admin })
     }
 
@@ -393,6 +403,9 @@ impl Gateway {
                 left = shared.tasks.len(),
                 "connections still open after the grace period"
             );
+        }
+        if let Some(c) = &shared.cluster {
+            c.stop.cancel();
         }
         tracing::info!("drained");
     }

@@ -53,6 +53,11 @@ impl TunnelRegistry {
         self.lock().remove(&id);
     }
 
+    /// How many are open.
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+
     /// The tunnels for which `pred` holds.
     pub(crate) fn select(&self, pred: impl Fn(&TunnelEntry) -> bool) -> Vec<Arc<TunnelEntry>> {
         self.lock().values().filter(|e| pred(e)).cloned().collect()

@@ -36,6 +36,7 @@ pub(super) enum Endpoint {
     Backends,
     Drain,
     Enable,
+    Cluster,
 }
 
 impl Endpoint {
@@ -46,6 +47,7 @@ impl Endpoint {
             "/backends" => Endpoint::Backends,
             "/backends/drain" => Endpoint::Drain,
             "/backends/enable" => Endpoint::Enable,
+            "/cluster" => Endpoint::Cluster,
             p => {
                 let id = p.strip_prefix("/tunnels/")?.strip_suffix("/close")?;
                 Endpoint::CloseTunnel(id.parse().ok()?)
@@ -77,7 +79,7 @@ impl Endpoint {
                 "spread",
             ],
             Endpoint::CloseTunnel(_) => &["code", "reason"],
-            Endpoint::Backends => &[],
+            Endpoint::Backends | Endpoint::Cluster => &[],
             Endpoint::Drain => &["route", "backend", "spread"],
             // The same query as the drain it ends is accepted (its `spread` means nothing here).
             Endpoint::Enable => &["route", "backend", "spread"],
@@ -87,7 +89,7 @@ impl Endpoint {
     /// The one method it answers.
     pub(super) fn method(&self) -> Method {
         match self {
-            Endpoint::Tunnels | Endpoint::Backends => Method::GET,
+            Endpoint::Tunnels | Endpoint::Backends | Endpoint::Cluster => Method::GET,
             _ => Method::POST,
         }
     }
@@ -128,6 +130,21 @@ impl Params {
             }
         }
         Ok(Params(out))
+    }
+
+    /// Takes a parameter out (one that is not the endpoint's own, like `cluster`).
+    pub(super) fn take(&mut self, key: &str) -> Option<String> {
+        self.0.remove(key)
+    }
+
+    /// The parameters as strings, to send to other instances.
+    pub(super) fn to_map(&self) -> HashMap<String, String> {
+        self.0.clone()
+    }
+
+    /// Parameters received from another instance.
+    pub(super) fn from_map(m: HashMap<String, String>) -> Params {
+        Params(m)
     }
 
     fn get(&self, key: &str) -> Option<&str> {
@@ -279,6 +296,7 @@ pub(super) fn run(
         Endpoint::Backends => Ok(json(StatusCode::OK, &backends(shared))),
         Endpoint::Drain => drain(shared, peer, p, true),
         Endpoint::Enable => drain(shared, peer, p, false),
+        Endpoint::Cluster => Ok(json(StatusCode::OK, &cluster(shared))),
     };
     result.unwrap_or_else(|(status, e)| error(status, e))
 }
@@ -430,6 +448,19 @@ fn backends(shared: &Shared) -> Value {
         }
     }
     json!({ "backends": list })
+}
+
+/// `GET /cluster`: the instances alive, this one first (alone without `[cluster]`).
+fn cluster(shared: &Shared) -> Value {
+    match &shared.cluster {
+        Some(c) => c.instances(shared.tunnels.len()),
+        None => json!({ "instances": [{
+            "instance": null,
+            "tunnels": shared.tunnels.len(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "last_seen": rfc3339(SystemTime::now()),
+        }] }),
+    }
 }
 
 fn state_of(s: &BackendState) -> &'static str {

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use http::{Method, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
+use serde_json::Value;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -172,11 +173,89 @@ async fn answer(
         Ok(b) => b.to_bytes(),
         Err(_) => return error(StatusCode::BAD_REQUEST, "body too large or broken"),
     };
-    let params = match api::Params::parse(&query, &body) {
+    let mut params = match api::Params::parse(&query, &body) {
         Ok(p) => p,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    api::run(shared, peer, endpoint, &params)
+    let fleet = match params.take("cluster").as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("cluster: expected true or false, got {other:?}"),
+            );
+        }
+    };
+    if !fleet {
+        return api::run(shared, peer, endpoint, &params);
+    }
+    if !matches!(
+        endpoint,
+        api::Endpoint::CloseTunnels | api::Endpoint::Drain | api::Endpoint::Enable
+    ) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "cluster: only /tunnels/close, /backends/drain and /backends/enable take it",
+        );
+    }
+    let Some(cluster) = shared.cluster.clone() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "cluster: this instance has no [cluster] configured",
+        );
+    };
+    // Here first: a call this instance refuses (a bad parameter) goes nowhere else.
+    let local = api::run(shared, peer, endpoint, &params);
+    if local.status() != StatusCode::OK {
+        return local;
+    }
+    let mut own = body_json(local).await;
+    if let Value::Object(m) = &mut own {
+        m.insert("instance".into(), Value::String(cluster.instance.clone()));
+    }
+    tracing::info!(admin = %peer, path, "admin action: published to the cluster");
+    let mut instances = vec![own];
+    instances.extend(cluster.broadcast(&path, params.to_map()).await);
+    json(
+        StatusCode::OK,
+        &serde_json::json!({ "instances": instances }),
+    )
+}
+
+/// A fleet-wide call published by another instance, applied to this one's tunnels; its
+/// answer (or `{"error": ...}`) as JSON.
+pub(crate) async fn apply_remote(
+    shared: &Arc<Shared>,
+    path: &str,
+    params: std::collections::HashMap<String, String>,
+) -> Value {
+    let Some(endpoint) = api::Endpoint::of(path).filter(|e| {
+        matches!(
+            e,
+            api::Endpoint::CloseTunnels | api::Endpoint::Drain | api::Endpoint::Enable
+        )
+    }) else {
+        return serde_json::json!({ "error": format!("no fleet endpoint {path}") });
+    };
+    let peer = SocketAddr::from(([0, 0, 0, 0], 0));
+    body_json(api::run(
+        shared,
+        peer,
+        endpoint,
+        &api::Params::from_map(params),
+    ))
+    .await
+}
+
+async fn body_json(r: Response<Full<Bytes>>) -> Value {
+    let bytes = r
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    serde_json::from_slice(&bytes).unwrap_or(Value::Null)
 }
 
 /// `Authorization: Bearer <token>` with the configured token, compared in constant time.

@@ -85,6 +85,7 @@ impl Cx<'_> {
             );
         }
         let admin = Admin { listen, token_file };
+        let cluster = raw.cluster.map(|c| self.cluster(c));
         let log = self.log(raw.log);
         let auth = self.auth(raw.auth);
         let routes = raw
@@ -113,10 +114,69 @@ impl Cx<'_> {
             limits,
             upstream,
             admin,
+            cluster: cluster.flatten(),
             log,
             auth,
             routes,
         }
+    }
+
+    fn cluster(&mut self, c: Spanned<RawCluster>) -> Option<Cluster> {
+        let line = self.line(c.span());
+        let c = c.into_inner();
+        let sync_interval = self.duration(
+            "cluster.sync_interval",
+            &c.sync_interval,
+            d::SYNC_INTERVAL,
+            Zero::Invalid,
+        );
+        let instance = match &c.instance {
+            Some(i) if i.get_ref().trim().is_empty() => {
+                let l = self.line(i.span());
+                self.push(l, "cluster.instance", "must not be empty");
+                String::new()
+            }
+            Some(i) => i.get_ref().trim().to_string(),
+            None => rustix::system::uname()
+                .nodename()
+                .to_string_lossy()
+                .into_owned(),
+        };
+        let Some(r) = &c.redis else {
+            self.push(
+                line,
+                "cluster.redis",
+                "required in [cluster] (a redis://, rediss:// or unix: URL)",
+            );
+            return None;
+        };
+        let url = r.get_ref().trim();
+        let redis = if let Some(path) = url.strip_prefix("unix:") {
+            format!("redis+unix://{}", path.trim_start_matches("//"))
+        } else if url.starts_with("redis://")
+            || url.starts_with("rediss://")
+            || url.starts_with("redis+unix://")
+        {
+            url.to_string()
+        } else {
+            let l = self.line(r.span());
+            self.push(
+                l,
+                "cluster.redis",
+                format!("\"{url}\" is not a redis://, rediss:// or unix:/path URL"),
+            );
+            return None;
+        };
+        if let Err(e) = redis::Client::open(redis.as_str()) {
+            let l = self.line(r.span());
+            self.push(l, "cluster.redis", format!("\"{url}\": {e}"));
+            return None;
+        }
+        Some(Cluster {
+            redis,
+            instance,
+            sync_interval,
+        })
     }
 
     fn server(&mut self, r: RawServer) -> Server {

@@ -50,6 +50,7 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub(crate) const ADMIN_LISTEN: &str = "127.0.0.1:9090";
+pub(crate) const SYNC_INTERVAL: Duration = Duration::from_millis(100);
 pub(crate) const LOG_LEVEL: &str = "info";
 
 pub(crate) const ALLOW_MISSING_ORIGIN: bool = false;
@@ -110,6 +111,9 @@ pub(crate) const DOCUMENTED: &[(&str, &str)] = &[
     ("upstream.response_timeout", r#""60s""#),
     ("admin.listen", r#""127.0.0.1:9090""#),
     ("admin.token_file", "none"),
+    ("cluster.redis", "none"),
+    ("cluster.instance", "the host name"),
+    ("cluster.sync_interval", "\"100ms\""),
     ("log.format", r#""text""#),
     ("log.level", r#""info""#),
     ("auth.name", "required"),

@@ -92,6 +92,8 @@ pub struct Config {
     pub(crate) upstream: Upstream,
     /// `[admin]`.
     pub(crate) admin: Admin,
+    /// `[cluster]`: budgets and control shared with other instances through Redis.
+    pub(crate) cluster: Option<Cluster>,
     /// `[log]`.
     pub(crate) log: Log,
     /// `[[auth]]`, in file order; routes refer to them by index.
@@ -220,6 +222,16 @@ pub(crate) struct Upstream {
     pub(crate) connect_timeout: Duration,
     /// Request sent to response head received.
     pub(crate) response_timeout: Duration,
+}
+
+/// `[cluster]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Cluster {
+    /// The Redis URL as the client takes it (`redis://`, `rediss://`, `redis+unix://`).
+    pub(crate) redis: String,
+    /// This instance's name in the fleet.
+    pub(crate) instance: String,
+    pub(crate) sync_interval: Duration,
 }
 
 /// `[admin]`: the metrics and health listener.

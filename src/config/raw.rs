@@ -14,6 +14,7 @@ pub(super) struct Raw {
     pub(super) upstream: RawUpstream,
     pub(super) admin: RawAdmin,
     pub(super) log: RawLog,
+    pub(super) cluster: Option<Spanned<RawCluster>>,
     pub(super) auth: Vec<Spanned<RawAuth>>,
     pub(super) routes: Vec<RawRoute>,
 }
@@ -146,6 +147,14 @@ pub(super) struct RawWebSocket {
 pub(super) struct RawUpstream {
     pub(super) connect_timeout: Opt<Value>,
     pub(super) response_timeout: Opt<Value>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawCluster {
+    pub(super) redis: Opt<String>,
+    pub(super) instance: Opt<String>,
+    pub(super) sync_interval: Opt<Value>,
 }
 
 #[derive(Deserialize, Default)]

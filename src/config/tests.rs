@@ -127,9 +127,11 @@ fn writing_every_default_out_changes_nothing() {
     let mut section = "";
     for (key, value) in defaults::DOCUMENTED {
         let (table, name) = key.split_once('.').unwrap();
-        // client_auth's default holds only beside a client_ca: written alone it is an error.
+        // client_auth's default holds only beside a client_ca, and [cluster]'s only beside a
+        // redis URL: written alone they are errors.
         if table == "routes"
             || table == "auth"
+            || table == "cluster"
             || table.starts_with("routes.")
             || *key == "tls.client_auth"
             || value.parse::<toml::Value>().is_err()

@@ -1,0 +1,419 @@
+//! The fleet, through Redis pub/sub, off every critical path. Each `sync_interval` an
+//! instance publishes on `wsgate:sync` its heartbeat (name, version, open tunnels) with its
+//! per-address usage since the last one ([`crate::limits::Usage`]); it folds the others' into
+//! its admission (their admissions debit its buckets, their open counts add to its caps) and
+//! forgets an instance not heard from for three intervals. Admin calls with `cluster=true`
+//! are published on `wsgate:control`, applied by every instance to its own tunnels and
+//! answered on `wsgate:reply`. Redis holds no keys of ours, so its memory cannot grow with
+//! the addresses seen. While Redis is away every instance decides alone, with its full local
+//! budget; `wsgate_cluster_redis_up` says so.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::limits::{IpKey, Usage};
+use crate::server::Shared;
+
+const SYNC: &str = "wsgate:sync";
+const CONTROL: &str = "wsgate:control";
+const REPLY: &str = "wsgate:reply";
+/// How long a fleet-wide admin call waits for the other instances.
+pub(crate) const REPLY_WITHIN: Duration = Duration::from_secs(2);
+/// Every this many syncs, an instance sends every open count, not just the changed ones, so
+/// an instance that missed messages catches up.
+const FULL_EVERY: u32 = 50;
+
+/// This instance's view of the fleet.
+pub(crate) struct Cluster {
+    pub(crate) instance: String,
+    interval: Duration,
+    client: redis::Client,
+    up: AtomicBool,
+    peers: Mutex<HashMap<String, Peer>>,
+    /// Fleet-wide admin calls waiting for answers, by id.
+    pending: Mutex<HashMap<u64, mpsc::UnboundedSender<Value>>>,
+    /// Messages to publish (control calls and replies), sent by the sync task.
+    outbox: mpsc::UnboundedSender<(&'static str, String)>,
+    outbox_rx: Mutex<Option<mpsc::UnboundedReceiver<(&'static str, String)>>>,
+    pub(crate) stop: CancellationToken,
+}
+
+/// Another instance, as its heartbeats describe it.
+struct Peer {
+    tunnels: u64,
+    version: String,
+    seen: Instant,
+    seen_wall: SystemTime,
+    open: HashMap<IpKey, u32>,
+}
+
+impl Cluster {
+    /// The cluster of `[cluster]`; nothing connects until [`start`].
+    pub(crate) fn new(c: &crate::config::Cluster) -> Option<Arc<Cluster>> {
+        let client = redis::Client::open(c.redis.as_str()).ok()?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        Some(Arc::new(Cluster {
+            instance: c.instance.clone(),
+            interval: c.sync_interval,
+            client,
+            up: AtomicBool::new(false),
+            peers: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            outbox: tx,
+            outbox_rx: Mutex::new(Some(rx)),
+            stop: CancellationToken::new(),
+        }))
+    }
+
+    fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Peer>> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every instance heard from in the last three intervals, this one first.
+    pub(crate) fn instances(&self, own_tunnels: usize) -> Value {
+        let mut list = vec![json!({
+            "instance": self.instance,
+            "tunnels": own_tunnels,
+            "version": env!("CARGO_PKG_VERSION"),
+            "last_seen": rfc3339(SystemTime::now()),
+        })];
+        let fresh = Instant::now() - self.interval * 3;
+        let peers = self.peers();
+        let mut names: Vec<&String> = peers
+            .iter()
+            .filter(|(_, p)| p.seen >= fresh)
+            .map(|(n, _)| n)
+            .collect();
+        names.sort();
+        for n in names {
+            let p = &peers[n];
+            list.push(json!({
+                "instance": n,
+                "tunnels": p.tunnels,
+                "version": p.version,
+                "last_seen": rfc3339(p.seen_wall),
+            }));
+        }
+        json!({ "instances": list })
+    }
+
+    /// Publishes an admin call for the other instances and collects their answers for up to
+    /// [`REPLY_WITHIN`] (or until every instance alive has answered).
+    pub(crate) async fn broadcast(
+        &self,
+        path: &str,
+        params: HashMap<String, String>,
+    ) -> Vec<Value> {
+        let id = random_u64();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, tx);
+        let expected = {
+            let fresh = Instant::now() - self.interval * 3;
+            self.peers().values().filter(|p| p.seen >= fresh).count()
+        };
+        let msg = json!({ "id": id, "from": self.instance, "path": path, "params": params });
+        let _ = self.outbox.send((CONTROL, msg.to_string()));
+        let mut answers = Vec::new();
+        let deadline = tokio::time::Instant::now() + REPLY_WITHIN;
+        loop {
+            // Once every instance known alive answered, one more interval for any whose
+            // heartbeat has not arrived here yet.
+            let until = if answers.len() >= expected {
+                deadline.min(tokio::time::Instant::now() + self.interval)
+            } else {
+                deadline
+            };
+            match tokio::time::timeout_at(until, rx.recv()).await {
+                Ok(Some(v)) => answers.push(v),
+                _ => break,
+            }
+        }
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        answers
+    }
+
+    fn set_up(&self, shared: &Shared, up: bool) {
+        if self.up.swap(up, Ordering::Relaxed) != up {
+            if up {
+                tracing::info!("cluster: Redis reachable; sharing budgets again");
+            } else {
+                tracing::warn!("cluster: Redis unreachable; deciding alone with local budgets");
+            }
+        }
+        shared.metrics.cluster_redis_up.set(i64::from(up));
+    }
+
+    /// Forgets instances not heard from in three intervals (their open counts stop counting).
+    fn expire(&self, shared: &Shared) {
+        let fresh = Instant::now() - self.interval * 3;
+        let mut peers = self.peers();
+        let gone: Vec<String> = peers
+            .iter()
+            .filter(|(_, p)| p.seen < fresh)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in gone {
+            if let Some(p) = peers.remove(&n) {
+                for k in p.open.keys() {
+                    shared.admission.set_remote_open(*k, sum_open(&peers, k));
+                }
+            }
+        }
+    }
+
+    /// A heartbeat with usage from another instance.
+    fn fold(&self, shared: &Shared, v: &Value) {
+        let Some(name) = v["i"].as_str() else {
+            return;
+        };
+        if name == self.instance {
+            return;
+        }
+        let admitted = keyed(&v["a"]);
+        shared.admission.debit(&admitted);
+        let open = keyed(&v["o"]);
+        let full = v["full"].as_bool().unwrap_or(false);
+        let mut peers = self.peers();
+        let peer = peers.entry(name.to_string()).or_insert_with(|| Peer {
+            tunnels: 0,
+            version: String::new(),
+            seen: Instant::now(),
+            seen_wall: SystemTime::now(),
+            open: HashMap::new(),
+        });
+        peer.tunnels = v["t"].as_u64().unwrap_or(0);
+        peer.version = v["v"].as_str().unwrap_or("").to_string();
+        peer.seen = Instant::now();
+        peer.seen_wall = SystemTime::now();
+        let mut touched: Vec<IpKey> = open.iter().map(|(k, _)| *k).collect();
+        if full {
+            touched.extend(peer.open.keys().copied());
+            peer.open.clear();
+        }
+        for (k, n) in open {
+            if n == 0 {
+                peer.open.remove(&k);
+            } else {
+                peer.open.insert(k, n);
+            }
+        }
+        for k in touched {
+            shared.admission.set_remote_open(k, sum_open(&peers, &k));
+        }
+    }
+}
+
+fn sum_open(peers: &HashMap<String, Peer>, k: &IpKey) -> u32 {
+    peers.values().filter_map(|p| p.open.get(k)).sum()
+}
+
+/// `[["1.2.3.4", 3], ...]` as keys and counts; anything else is skipped.
+fn keyed(v: &Value) -> Vec<(IpKey, u32)> {
+    let Some(list) = v.as_array() else {
+        return Vec::new();
+    };
+    list.iter()
+        .filter_map(|e| {
+            let ip: IpAddr = e.get(0)?.as_str()?.parse().ok()?;
+            let n = u32::try_from(e.get(1)?.as_u64()?).ok()?;
+            Some((IpKey(ip), n))
+        })
+        .collect()
+}
+
+fn usage_json(u: &[(IpKey, u32)]) -> Value {
+    Value::Array(u.iter().map(|(k, n)| json!([k.0.to_string(), n])).collect())
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut b);
+    u64::from_le_bytes(b)
+}
+
+/// Starts the sync and listen tasks; they end when `cluster.stop` is cancelled.
+pub(crate) fn start(shared: Arc<Shared>, cluster: Arc<Cluster>) {
+    shared.admission.join_fleet();
+    tokio::spawn(sync_loop(shared.clone(), cluster.clone()));
+    tokio::spawn(listen_loop(shared, cluster));
+}
+
+/// Publishes this instance's heartbeat and usage every interval, and whatever the outbox
+/// holds. A Redis that stalls delays only this task.
+async fn sync_loop(shared: Arc<Shared>, c: Arc<Cluster>) {
+    let mut outbox = c
+        .outbox_rx
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .expect("started once");
+    let mut conn: Option<redis::aio::MultiplexedConnection> = None;
+    let mut tick = tokio::time::interval(c.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u32 = 0;
+    // The first message after (re)connecting carries every open count.
+    let mut need_full = true;
+    loop {
+        let extra = tokio::select! {
+            _ = c.stop.cancelled() => return,
+            _ = tick.tick() => None,
+            m = outbox.recv() => m,
+        };
+        if conn.is_none() {
+            let connect = tokio::time::timeout(
+                c.interval.max(Duration::from_millis(200)),
+                c.client.get_multiplexed_async_connection(),
+            );
+            match connect.await {
+                Ok(Ok(k)) => {
+                    conn = Some(k);
+                    need_full = true;
+                }
+                _ => {
+                    c.set_up(&shared, false);
+                    c.expire(&shared);
+                    // Usage piles up only until the next successful sync.
+                    let _ = shared.admission.take_usage(false);
+                    continue;
+                }
+            }
+        }
+        let k = conn.as_mut().expect("connected above");
+        let (channel, payload) = match extra {
+            Some(m) => m,
+            None => {
+                n = n.wrapping_add(1);
+                let full = need_full || n.is_multiple_of(FULL_EVERY);
+                let Usage { admitted, open } = shared.admission.take_usage(full);
+                let msg = json!({
+                    "i": c.instance,
+                    "v": env!("CARGO_PKG_VERSION"),
+                    "t": shared.tunnels.len(),
+                    "full": full,
+                    "a": usage_json(&admitted),
+                    "o": usage_json(&open),
+                });
+                c.expire(&shared);
+                (SYNC, msg.to_string())
+            }
+        };
+        let sent = tokio::time::timeout(
+            c.interval.max(Duration::from_millis(200)),
+            redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(&payload)
+                .query_async::<i64>(k),
+        )
+        .await;
+        match sent {
+            Ok(Ok(_)) => {
+                if channel == SYNC {
+                    need_full = false;
+                }
+                c.set_up(&shared, true);
+            }
+            _ => {
+                conn = None;
+                c.set_up(&shared, false);
+            }
+        }
+    }
+}
+
+/// Listens to the fleet's channels, reconnecting with a back-off while Redis is away.
+async fn listen_loop(shared: Arc<Shared>, c: Arc<Cluster>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let session = async {
+            let mut ps = c.client.get_async_pubsub().await?;
+            ps.subscribe(&[SYNC, CONTROL, REPLY]).await?;
+            backoff = Duration::from_millis(100);
+            let mut stream = ps.on_message();
+            while let Some(msg) = stream.next().await {
+                let Ok(payload) = msg.get_payload::<String>() else {
+                    continue;
+                };
+                let Ok(v) = serde_json::from_str::<Value>(&payload) else {
+                    continue;
+                };
+                match msg.get_channel_name() {
+                    SYNC => c.fold(&shared, &v),
+                    CONTROL => control(&shared, &c, v),
+                    REPLY => {
+                        let Some(id) = v["id"].as_u64() else {
+                            continue;
+                        };
+                        let tx = c
+                            .pending
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get(&id)
+                            .cloned();
+                        if let Some(tx) = tx {
+                            let _ = tx.send(v["answer"].clone());
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Ok::<(), redis::RedisError>(())
+        };
+        tokio::select! {
+            _ = c.stop.cancelled() => return,
+            _ = session => {}
+        }
+        tokio::select! {
+            _ = c.stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// An admin call another instance published: applied here, answered on the reply channel.
+fn control(shared: &Arc<Shared>, c: &Arc<Cluster>, v: Value) {
+    if v["from"].as_str() == Some(c.instance.as_str()) {
+        return;
+    }
+    let (Some(id), Some(path)) = (v["id"].as_u64(), v["path"].as_str()) else {
+        return;
+    };
+    let params: HashMap<String, String> = v["params"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let path = path.to_string();
+    let (shared, c) = (shared.clone(), c.clone());
+    tokio::spawn(async move {
+        let mut answer = crate::admin::apply_remote(&shared, &path, params).await;
+        if let Value::Object(m) = &mut answer {
+            m.insert("instance".into(), Value::String(c.instance.clone()));
+        }
+        let reply = json!({ "id": id, "instance": c.instance, "answer": answer });
+        let _ = c.outbox.send((REPLY, reply.to_string()));
+    });
+}
