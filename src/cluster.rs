@@ -44,6 +44,14 @@ pub(crate) struct Cluster {
     outbox: mpsc::UnboundedSender<(&'static str, String)>,
     outbox_rx: Mutex<Option<mpsc::UnboundedReceiver<(&'static str, String)>>>,
     pub(crate) stop: CancellationToken,
+    /// The next heartbeat carries every open count (a peer asked, or we reconnected).
+    need_full: AtomicBool,
+    /// When our own last heartbeat came back through the subscription.
+    echo: Mutex<Option<Instant>>,
+    /// Tells the listener to drop a subscription that stopped delivering.
+    resubscribe: tokio::sync::Notify,
+    /// When the up/down change was last logged (at most once a minute).
+    logged: Mutex<Option<Instant>>,
 }
 
 /// Another instance, as its heartbeats describe it.
@@ -70,7 +78,16 @@ impl Cluster {
             outbox: tx,
             outbox_rx: Mutex::new(Some(rx)),
             stop: CancellationToken::new(),
+            need_full: AtomicBool::new(true),
+            echo: Mutex::new(None),
+            resubscribe: tokio::sync::Notify::new(),
+            logged: Mutex::new(None),
         }))
+    }
+
+    /// A heartbeat seen at `seen` still counts (three intervals).
+    fn is_fresh(&self, seen: Instant) -> bool {
+        seen.elapsed() <= self.interval * 3
     }
 
     fn peers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Peer>> {
@@ -85,11 +102,10 @@ impl Cluster {
             "version": env!("CARGO_PKG_VERSION"),
             "last_seen": rfc3339(SystemTime::now()),
         })];
-        let fresh = Instant::now() - self.interval * 3;
         let peers = self.peers();
         let mut names: Vec<&String> = peers
             .iter()
-            .filter(|(_, p)| p.seen >= fresh)
+            .filter(|(_, p)| self.is_fresh(p.seen))
             .map(|(n, _)| n)
             .collect();
         names.sort();
@@ -119,8 +135,10 @@ impl Cluster {
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, tx);
         let expected = {
-            let fresh = Instant::now() - self.interval * 3;
-            self.peers().values().filter(|p| p.seen >= fresh).count()
+            self.peers()
+                .values()
+                .filter(|p| self.is_fresh(p.seen))
+                .count()
         };
         let msg = json!({ "id": id, "from": self.instance, "path": path, "params": params });
         let _ = self.outbox.send((CONTROL, msg.to_string()));
@@ -148,10 +166,15 @@ impl Cluster {
 
     fn set_up(&self, shared: &Shared, up: bool) {
         if self.up.swap(up, Ordering::Relaxed) != up {
-            if up {
-                tracing::info!("cluster: Redis reachable; sharing budgets again");
-            } else {
-                tracing::warn!("cluster: Redis unreachable; deciding alone with local budgets");
+            let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
+            // A flapping Redis is logged once a minute, not at every flip.
+            if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) || up {
+                *logged = Some(Instant::now());
+                if up {
+                    tracing::info!("cluster: Redis reachable; sharing budgets again");
+                } else {
+                    tracing::warn!("cluster: Redis unreachable; deciding alone with local budgets");
+                }
             }
         }
         shared.metrics.cluster_redis_up.set(i64::from(up));
@@ -159,11 +182,10 @@ impl Cluster {
 
     /// Forgets instances not heard from in three intervals (their open counts stop counting).
     fn expire(&self, shared: &Shared) {
-        let fresh = Instant::now() - self.interval * 3;
         let mut peers = self.peers();
         let gone: Vec<String> = peers
             .iter()
-            .filter(|(_, p)| p.seen < fresh)
+            .filter(|(_, p)| !self.is_fresh(p.seen))
             .map(|(n, _)| n.clone())
             .collect();
         for n in gone {
@@ -173,14 +195,25 @@ impl Cluster {
                 }
             }
         }
+        shared.admission.set_instances(peers.len() as u32 + 1);
     }
 
     /// A heartbeat with usage from another instance.
     fn fold(&self, shared: &Shared, v: &Value) {
+        if v["resync"]
+            .as_str()
+            .is_some_and(|from| from != self.instance)
+        {
+            // An instance (re)subscribed and missed what was sent meanwhile.
+            self.need_full.store(true, Ordering::Relaxed);
+            return;
+        }
         let Some(name) = v["i"].as_str() else {
             return;
         };
         if name == self.instance {
+            // Our own heartbeat came back: the subscription works.
+            *self.echo.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
             return;
         }
         let admitted = keyed(&v["a"]);
@@ -188,6 +221,12 @@ impl Cluster {
         let open = keyed(&v["o"]);
         let full = v["full"].as_bool().unwrap_or(false);
         let mut peers = self.peers();
+        if !full && !peers.contains_key(name) {
+            // A peer first heard mid-stream: ask for everyone's full counts.
+            let _ = self
+                .outbox
+                .send((SYNC, json!({ "resync": self.instance }).to_string()));
+        }
         let peer = peers.entry(name.to_string()).or_insert_with(|| Peer {
             tunnels: 0,
             version: String::new(),
@@ -214,11 +253,15 @@ impl Cluster {
         for k in touched {
             shared.admission.set_remote_open(k, sum_open(&peers, &k));
         }
+        shared.admission.set_instances(peers.len() as u32 + 1);
     }
 }
 
 fn sum_open(peers: &HashMap<String, Peer>, k: &IpKey) -> u32 {
-    peers.values().filter_map(|p| p.open.get(k)).sum()
+    peers
+        .values()
+        .filter_map(|p| p.open.get(k))
+        .fold(0u32, |a, b| a.saturating_add(*b))
 }
 
 /// `[["1.2.3.4", 3], ...]` as keys and counts; anything else is skipped.
@@ -271,8 +314,9 @@ async fn sync_loop(shared: Arc<Shared>, c: Arc<Cluster>) {
     let mut tick = tokio::time::interval(c.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n: u32 = 0;
-    // The first message after (re)connecting carries every open count.
-    let mut need_full = true;
+    let mut backoff = Duration::from_millis(100);
+    let mut next_connect = Instant::now();
+    let timeout = c.interval.max(Duration::from_secs(2));
     loop {
         let extra = tokio::select! {
             _ = c.stop.cancelled() => return,
@@ -280,16 +324,26 @@ async fn sync_loop(shared: Arc<Shared>, c: Arc<Cluster>) {
             m = outbox.recv() => m,
         };
         if conn.is_none() {
-            let connect = tokio::time::timeout(
-                c.interval.max(Duration::from_millis(200)),
-                c.client.get_multiplexed_async_connection(),
-            );
-            match connect.await {
-                Ok(Ok(k)) => {
+            let connected = if Instant::now() < next_connect {
+                None
+            } else {
+                tokio::time::timeout(timeout, c.client.get_multiplexed_async_connection())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            };
+            match connected {
+                Some(k) => {
                     conn = Some(k);
-                    need_full = true;
+                    backoff = Duration::from_millis(100);
+                    // The first message after (re)connecting carries every open count.
+                    c.need_full.store(true, Ordering::Relaxed);
                 }
-                _ => {
+                None => {
+                    if Instant::now() >= next_connect {
+                        next_connect = Instant::now() + backoff;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
                     c.set_up(&shared, false);
                     c.expire(&shared);
                     // Usage piles up only until the next successful sync.
@@ -303,7 +357,8 @@ async fn sync_loop(shared: Arc<Shared>, c: Arc<Cluster>) {
             Some(m) => m,
             None => {
                 n = n.wrapping_add(1);
-                let full = need_full || n.is_multiple_of(FULL_EVERY);
+                let full =
+                    c.need_full.swap(false, Ordering::Relaxed) || n.is_multiple_of(FULL_EVERY);
                 let Usage { admitted, open } = shared.admission.take_usage(full);
                 let msg = json!({
                     "i": c.instance,
@@ -318,7 +373,7 @@ async fn sync_loop(shared: Arc<Shared>, c: Arc<Cluster>) {
             }
         };
         let sent = tokio::time::timeout(
-            c.interval.max(Duration::from_millis(200)),
+            timeout,
             redis::cmd("PUBLISH")
                 .arg(channel)
                 .arg(&payload)
@@ -327,10 +382,16 @@ async fn sync_loop(shared: Arc<Shared>, c: Arc<Cluster>) {
         .await;
         match sent {
             Ok(Ok(_)) => {
-                if channel == SYNC {
-                    need_full = false;
+                // Up only while our own heartbeats also come back through the subscription:
+                // a publisher that works beside a dead subscription is still alone.
+                let echo = *c.echo.lock().unwrap_or_else(|e| e.into_inner());
+                // Lenient: a busy instance may take a while to read its own message back.
+                let window = (c.interval * 10).max(Duration::from_secs(2));
+                let hearing = echo.is_some_and(|t| t.elapsed() <= window);
+                if !hearing && echo.is_some() {
+                    c.resubscribe.notify_one();
                 }
-                c.set_up(&shared, true);
+                c.set_up(&shared, hearing);
             }
             _ => {
                 conn = None;
@@ -345,9 +406,22 @@ async fn listen_loop(shared: Arc<Shared>, c: Arc<Cluster>) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let session = async {
-            let mut ps = c.client.get_async_pubsub().await?;
-            ps.subscribe(&[SYNC, CONTROL, REPLY]).await?;
+            let limit = c.interval.max(Duration::from_secs(2));
+            let timed_out =
+                || redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
+            let mut ps = tokio::time::timeout(limit, c.client.get_async_pubsub())
+                .await
+                .map_err(|_| timed_out())??;
+            tokio::time::timeout(limit, ps.subscribe(&[SYNC, CONTROL, REPLY]))
+                .await
+                .map_err(|_| timed_out())??;
             backoff = Duration::from_millis(100);
+            *c.echo.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+            // Whatever was published while we were away is lost: everyone resends in full.
+            let _ = c
+                .outbox
+                .send((SYNC, json!({ "resync": c.instance }).to_string()));
+            c.need_full.store(true, Ordering::Relaxed);
             let mut stream = ps.on_message();
             while let Some(msg) = stream.next().await {
                 let Ok(payload) = msg.get_payload::<String>() else {
@@ -381,6 +455,8 @@ async fn listen_loop(shared: Arc<Shared>, c: Arc<Cluster>) {
         tokio::select! {
             _ = c.stop.cancelled() => return,
             _ = session => {}
+            // Our own heartbeats stopped coming back: a silently dead connection.
+            _ = c.resubscribe.notified() => {}
         }
         tokio::select! {
             _ = c.stop.cancelled() => return,

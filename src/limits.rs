@@ -76,6 +76,9 @@ struct Fleet {
     dirty: HashSet<IpKey>,
     /// Open connections per key on the other instances, summed.
     remote_open: HashMap<IpKey, u32>,
+    /// Instances alive, this one included: a key first seen here starts with its share of
+    /// the burst, since the others may be spending theirs in the same interval.
+    instances: u32,
 }
 
 /// A token bucket; `tokens` goes negative when other instances spent more than was left.
@@ -142,7 +145,17 @@ impl Admission {
 
     /// Shares the budget with a fleet from now on.
     pub(crate) fn join_fleet(&self) {
-        *self.fleet_lock() = Some(Fleet::default());
+        *self.fleet_lock() = Some(Fleet {
+            instances: 1,
+            ..Fleet::default()
+        });
+    }
+
+    /// How many instances are alive, this one included.
+    pub(crate) fn set_instances(&self, n: u32) {
+        if let Some(f) = self.fleet_lock().as_mut() {
+            f.instances = n.max(1);
+        }
     }
 
     fn fleet_lock(&self) -> std::sync::MutexGuard<'_, Option<Fleet>> {
@@ -162,8 +175,9 @@ impl Admission {
                     f64::from(s.limits.per_ip_burst.max(1)),
                 );
                 let now = std::time::Instant::now();
+                let share = (burst / f64::from(f.instances.max(1))).max(1.0);
                 let b = f.buckets.entry(key).or_insert(Bucket {
-                    tokens: burst,
+                    tokens: share,
                     at: now,
                 });
                 b.refill(rate, burst, now);
@@ -188,7 +202,7 @@ impl Admission {
                 .unwrap_or(0);
             let mut map = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
             let n = map.entry(key).or_insert(0);
-            if *n + remote >= cap {
+            if n.saturating_add(remote) >= cap {
                 if *n == 0 {
                     map.remove(&key);
                 }
@@ -220,6 +234,9 @@ impl Admission {
                 f64::from(s.limits.per_ip_burst.max(1)),
             );
             let now = std::time::Instant::now();
+            if rate == 0.0 {
+                f.buckets.clear();
+            }
             f.buckets.retain(|_, b| {
                 b.refill(rate, burst, now);
                 b.tokens < burst
@@ -301,9 +318,9 @@ impl Drop for Permit {
     fn drop(&mut self) {
         self.admission.active.fetch_sub(1, Ordering::Relaxed);
         if let Some(key) = self.key {
-            if let Some(f) = self.admission.fleet_lock().as_mut() {
-                f.dirty.insert(key);
-            }
+            // The fleet lock first (the order admit takes them in), held over the decrement:
+            // a sync between marking the key and lowering its count would publish the old one.
+            let mut fleet = self.admission.fleet_lock();
             let mut map = self
                 .admission
                 .per_ip
@@ -314,6 +331,9 @@ impl Drop for Permit {
                 if *n == 0 {
                     map.remove(&key);
                 }
+            }
+            if let Some(f) = fleet.as_mut() {
+                f.dirty.insert(key);
             }
         }
     }

@@ -197,6 +197,16 @@ async fn the_concurrent_cap_counts_the_other_instances_tunnels() {
             g.ws("/chat", &[]).await.is_err(),
             "a fifth tunnel from the address is refused on every instance"
         );
+        assert_eq!(
+            metric(
+                g,
+                "wsgate_handshake_rejections_total{reason=\"per_ip_cap\"}"
+            )
+            .await
+            .as_deref(),
+            Some("1"),
+            "refused by the per-address cap"
+        );
     }
     drop(open.pop());
     // Freed on one instance, admitted again on another once the others heard.

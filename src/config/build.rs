@@ -130,6 +130,13 @@ impl Cx<'_> {
             d::SYNC_INTERVAL,
             Zero::Invalid,
         );
+        if !(Duration::from_millis(10)..=Duration::from_secs(10)).contains(&sync_interval) {
+            let l = c
+                .sync_interval
+                .as_ref()
+                .map_or(line, |v| self.line(v.span()));
+            self.push(l, "cluster.sync_interval", "must be between 10ms and 10s");
+        }
         let instance = match &c.instance {
             Some(i) if i.get_ref().trim().is_empty() => {
                 let l = self.line(i.span());
