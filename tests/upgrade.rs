@@ -101,6 +101,16 @@ impl Installed {
         String::from_utf8_lossy(&buf[..n]).into_owned()
     }
 
+    /// The pid of the process that took over: its `MAINPID` and `READY=1`, in one message.
+    async fn new_main_pid(&self) -> u32 {
+        let msg = self.next_notify().await;
+        msg.strip_prefix("MAINPID=")
+            .and_then(|m| m.strip_suffix("\nREADY=1"))
+            .unwrap_or_else(|| panic!("MAINPID and READY=1 in one message, got {msg:?}"))
+            .parse()
+            .unwrap()
+    }
+
     async fn ws(&self) -> Result<Ws, String> {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let req = format!("wss://localhost:{}/chat", self.tls.port())
@@ -237,13 +247,7 @@ async fn sigusr2_hands_over_to_the_new_binary_without_refusing_a_connection() {
     tokio::time::sleep(Duration::from_secs(1)).await; // let the stream run before the upgrade
     install(&w.bin);
     signal(old_pid, "USR2");
-    let msg = w.next_notify().await;
-    let new_pid: u32 = msg
-        .strip_prefix("MAINPID=")
-        .and_then(|m| m.strip_suffix("\nREADY=1"))
-        .unwrap_or_else(|| panic!("MAINPID and READY=1 in one message, got {msg:?}"))
-        .parse()
-        .unwrap();
+    let new_pid = w.new_main_pid().await;
     let _kill = KillOnDrop(new_pid);
     assert_ne!(new_pid, old_pid);
     let exe = std::fs::read_link(format!("/proc/{new_pid}/exe")).unwrap();
@@ -364,13 +368,7 @@ async fn an_upgrade_with_a_broken_configuration_leaves_the_old_process_serving()
     // Fixed, the next upgrade goes through.
     install(&w.bin);
     signal(old_pid, "USR2");
-    let msg = w.next_notify().await;
-    let new_pid: u32 = msg
-        .strip_prefix("MAINPID=")
-        .and_then(|m| m.strip_suffix("\nREADY=1"))
-        .unwrap_or_else(|| panic!("{msg:?}"))
-        .parse()
-        .unwrap();
+    let new_pid = w.new_main_pid().await;
     let _kill = KillOnDrop(new_pid);
     let status = tokio::time::timeout(Duration::from_secs(10), old.wait())
         .await
