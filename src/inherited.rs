@@ -12,11 +12,38 @@ use std::net::{SocketAddr, TcpListener};
 pub(crate) const PARENT_VAR: &str = "WSGATE_UPGRADE_PARENT";
 /// The variable naming the abstract socket the upgrading parent waits on for "ready".
 pub(crate) const READY_VAR: &str = "WSGATE_UPGRADE_READY";
-/// The name an upgrading parent gives a socket it bound itself: once the parent is gone the
-/// child is its only holder, so the child may shut it down when it drains. Every other
-/// inherited socket is also held by the service manager, which keeps queueing connections on
-/// it for the next process; shutting it down would refuse them.
+/// An upgrading parent names each socket `<owner>.<kind>` (`:` separates the names). The owner `wsgate-bound` says the
+/// parent bound it itself: once the parent is gone the child is its only holder, so the child
+/// may shut it down when it drains. Every other inherited socket is also held by the service
+/// manager, which keeps queueing connections on it for the next process; shutting it down
+/// would refuse them. The kind lets an entry with port 0 find its socket again.
 pub(crate) const OWN: &str = "wsgate-bound";
+/// The owner part for a socket the service manager also holds.
+pub(crate) const SHARED: &str = "inherited";
+
+/// Which entry a socket served in the parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Tls,
+    Plain,
+    Admin,
+}
+
+impl Kind {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Kind::Tls => "tls",
+            Kind::Plain => "plain",
+            Kind::Admin => "admin",
+        }
+    }
+
+    fn of(s: &str) -> Option<Kind> {
+        [Kind::Tls, Kind::Plain, Kind::Admin]
+            .into_iter()
+            .find(|k| k.name() == s)
+    }
+}
 
 /// One inherited listening socket.
 pub(crate) struct Socket {
@@ -24,6 +51,8 @@ pub(crate) struct Socket {
     pub(crate) local: SocketAddr,
     /// Also held by someone else (the service manager): never shut down, only closed.
     pub(crate) shared: bool,
+    /// The entry it served in an upgrading parent.
+    pub(crate) kind: Option<Kind>,
 }
 
 /// What this process inherited.
@@ -85,24 +114,41 @@ impl Inherited {
                 .push("LISTEN_FDS without LISTEN_PID and not an upgrade: ignored".into());
             return out;
         }
+        let upgrading = out.upgrade.is_some();
         let mut fds = listenfd::ListenFd::from_env();
         for i in 0..fds.len() {
             let name = names.get(i).copied().unwrap_or("");
             match fds.take_tcp_listener(i) {
                 Ok(Some(listener)) => match listener.local_addr() {
-                    Ok(local) => out.sockets.push(Socket {
-                        listener,
-                        local,
-                        shared: name != OWN,
-                    }),
+                    Ok(local) => {
+                        // Only an upgrading parent names sockets; systemd's names are the
+                        // operator's, and its sockets are always shared.
+                        let (own, kind) = match name.split_once('.') {
+                            Some((owner, kind)) if upgrading => (owner == OWN, Some(kind)),
+                            _ => (false, None),
+                        };
+                        out.sockets.push(Socket {
+                            listener,
+                            local,
+                            shared: !own,
+                            kind: kind.and_then(Kind::of),
+                        })
+                    }
                     Err(e) => out.notes.push(format!(
                         "inherited socket {i} ({name}): no local address: {e}"
                     )),
                 },
                 Ok(None) => {}
-                Err(e) => out.notes.push(format!(
-                    "inherited socket {i} ({name}) is not a TCP listener, left alone: {e}"
-                )),
+                Err(e) => {
+                    // Taken as what it is and dropped, so it does not leak into an upgrade's
+                    // child; a descriptor of another kind is left as it is.
+                    let closed = matches!(fds.take_unix_listener(i), Ok(Some(_)))
+                        || matches!(fds.take_udp_socket(i), Ok(Some(_)));
+                    out.notes.push(format!(
+                        "inherited socket {i} ({name}) is not a TCP listener ({e}); {}",
+                        if closed { "closed" } else { "left alone" }
+                    ));
+                }
             }
         }
         out
@@ -113,9 +159,20 @@ impl Inherited {
         self.upgrade.take()
     }
 
-    /// Takes the socket listening on `addr`, if one was inherited.
-    pub(crate) fn take(&mut self, addr: SocketAddr) -> Option<Socket> {
-        let i = self.sockets.iter().position(|s| s.local == addr)?;
+    /// Takes the socket listening on `addr`, if one was inherited; for an entry with port 0
+    /// (any port), the one an upgrading parent passed for an entry of that kind on that host.
+    pub(crate) fn take(&mut self, addr: SocketAddr, kind: Kind) -> Option<Socket> {
+        let i = self
+            .sockets
+            .iter()
+            .position(|s| s.local == addr)
+            .or_else(|| {
+                (addr.port() == 0).then(|| {
+                    self.sockets
+                        .iter()
+                        .position(|s| s.kind == Some(kind) && s.local.ip() == addr.ip())
+                })?
+            })?;
         Some(self.sockets.swap_remove(i))
     }
 

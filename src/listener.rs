@@ -91,7 +91,11 @@ impl Listeners {
                 continue;
             }
             let err = |error| BindError { addr: key.0, error };
-            let bound = match inherited.take(key.0) {
+            let kind = match key.1 {
+                ListenerKind::Tls => crate::inherited::Kind::Tls,
+                ListenerKind::Plain => crate::inherited::Kind::Plain,
+            };
+            let bound = match inherited.take(key.0, kind) {
                 Some(s) => {
                     s.listener.set_nonblocking(true).map_err(err)?;
                     Bound {
@@ -199,7 +203,7 @@ impl Listeners {
         addr: SocketAddr,
         inherited: &mut Inherited,
     ) -> io::Result<(Arc<TcpListener>, CancellationToken)> {
-        let (socket, shared) = match inherited.take(addr) {
+        let (socket, shared) = match inherited.take(addr, crate::inherited::Kind::Admin) {
             Some(s) => {
                 s.listener.set_nonblocking(true)?;
                 (TcpListener::from_std(s.listener)?, s.shared)
@@ -224,19 +228,26 @@ impl Listeners {
 
     /// A duplicate of every listening socket with the name it goes by in `LISTEN_FDNAMES`,
     /// for the process an upgrade starts.
-    pub(crate) fn duplicates(&self) -> std::io::Result<Vec<(std::os::fd::OwnedFd, &'static str)>> {
+    pub(crate) fn duplicates(&self) -> std::io::Result<Vec<(std::os::fd::OwnedFd, String)>> {
+        use crate::inherited::{Kind, OWN, SHARED};
         use std::os::fd::AsFd;
         let map = self.lock();
         let admin = self.admin_lock();
-        map.values()
-            .chain(admin.iter())
-            .map(|e| {
-                let name = if e.shared {
-                    "inherited"
-                } else {
-                    crate::inherited::OWN
-                };
-                Ok((e.socket.as_fd().try_clone_to_owned()?, name))
+        let listeners = map.iter().map(|(k, e)| {
+            let kind = match k.1 {
+                ListenerKind::Tls => Kind::Tls,
+                ListenerKind::Plain => Kind::Plain,
+            };
+            (kind, e)
+        });
+        listeners
+            .chain(admin.iter().map(|e| (Kind::Admin, e)))
+            .map(|(kind, e)| {
+                let owner = if e.shared { SHARED } else { OWN };
+                Ok((
+                    e.socket.as_fd().try_clone_to_owned()?,
+                    format!("{owner}.{}", kind.name()),
+                ))
             })
             .collect()
     }

@@ -110,7 +110,7 @@ pub(crate) async fn start(listeners: &Listeners, exec: &Exec) -> Result<u32, Upg
     })
     .map_err(UpgradeError::Start)?;
     let sockets = listeners.duplicates().map_err(UpgradeError::Start)?;
-    let names: Vec<&str> = sockets.iter().map(|(_, n)| *n).collect();
+    let names: Vec<&str> = sockets.iter().map(|(_, n)| n.as_str()).collect();
     let mut cmd = tokio::process::Command::new(&exec.path);
     cmd.args(&exec.args)
         .env_remove("LISTEN_PID")

@@ -491,3 +491,53 @@ async fn sockets_passed_by_systemd_socket_activate_are_served_without_binding() 
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn listeners_on_port_zero_keep_their_ports_across_an_upgrade() {
+    let backend = EchoBackend::start().await;
+    let mut w = Installed::new(backend.addr);
+    let text = std::fs::read_to_string(&w.config).unwrap();
+    std::fs::write(
+        &w.config,
+        text.replace(&w.tls.to_string(), "127.0.0.1:0")
+            .replace(&w.admin.to_string(), "127.0.0.1:0"),
+    )
+    .unwrap();
+    let mut cmd = tokio::process::Command::new(&w.bin);
+    cmd.arg("--config").arg(&w.config);
+    let (mut old, mut logs) = spawn_logged(cmd, &w.notify_path);
+    w.tls = logged(&mut logs, "listening").await["fields"]["addr"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    w.admin = logged(&mut logs, "admin listening").await["fields"]["addr"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(w.next_notify().await, "READY=1");
+    let mut before = w.ws().await.unwrap();
+    echo(&mut before, "before").await.unwrap();
+
+    install(&w.bin);
+    signal(old.id().unwrap(), "USR2");
+    let new_pid = w.new_main_pid().await;
+    let _kill = KillOnDrop(new_pid);
+    // The new process took the very sockets (an entry with port 0 finds its own again).
+    let v = logged(&mut logs, "listening").await;
+    assert_eq!(
+        v["fields"]["addr"].as_str(),
+        Some(w.tls.to_string().as_str())
+    );
+    assert_eq!(v["fields"]["inherited"].as_bool(), Some(true));
+    let status = tokio::time::timeout(Duration::from_secs(10), old.wait())
+        .await
+        .expect("the old process exits")
+        .unwrap();
+    assert!(status.success());
+    let mut after = w.ws().await.unwrap();
+    echo(&mut after, "same port, new process").await.unwrap();
+    let (status, _) = http_get(w.admin, "/readyz").await;
+    assert_eq!(status, 200, "the admin listener kept its port too");
+}
