@@ -134,6 +134,8 @@ impl Cluster {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, tx);
+        // Out of the table however this ends (the admin client may go away mid-wait).
+        let _pending = Pending { c: self, id };
         let expected = {
             self.peers()
                 .values()
@@ -157,10 +159,6 @@ impl Cluster {
                 _ => break,
             }
         }
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
         answers
     }
 
@@ -254,6 +252,22 @@ impl Cluster {
             shared.admission.set_remote_open(k, sum_open(&peers, &k));
         }
         shared.admission.set_instances(peers.len() as u32 + 1);
+    }
+}
+
+/// A fleet-wide call's entry in the table of calls awaiting answers.
+struct Pending<'a> {
+    c: &'a Cluster,
+    id: u64,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.c
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
     }
 }
 

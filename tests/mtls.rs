@@ -293,6 +293,19 @@ async fn optional_mode_serves_without_a_certificate_but_not_where_a_route_requir
     assert_eq!(status_of(&body), 200);
     assert!(!body.contains("forged"), "{body}");
 
+    // Optional means a certificate may be missing, not that a bad one passes.
+    let expired = g.pki.issue_client("old", vec![Eku::ClientAuth], true);
+    let err = ws(
+        &g,
+        g.pki.client_config_presenting(Some(expired)),
+        "localhost",
+        "/open",
+        &[],
+    )
+    .await
+    .unwrap_err();
+    assert!(err.contains("AlertReceived(CertificateExpired)"), "{err}");
+
     let (leaf, key) = valid(&g.pki, "sensor-7");
     let hash = hex_sha256(&leaf);
     let device = g.pki.client_config_presenting(Some((leaf, key)));
