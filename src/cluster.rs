@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::rfc3339;
 use crate::limits::{IpKey, Usage};
 use crate::server::Shared;
 
@@ -294,10 +295,6 @@ fn keyed(v: &Value) -> Vec<(IpKey, u32)> {
 
 fn usage_json(u: &[(IpKey, u32)]) -> Value {
     Value::Array(u.iter().map(|(k, n)| json!([k.0.to_string(), n])).collect())
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 fn random_u64() -> u64 {

@@ -38,6 +38,14 @@ impl Kind {
         }
     }
 
+    /// The kind of a client listener.
+    pub(crate) fn of_listener(k: crate::conn::ListenerKind) -> Kind {
+        match k {
+            crate::conn::ListenerKind::Tls => Kind::Tls,
+            crate::conn::ListenerKind::Plain => Kind::Plain,
+        }
+    }
+
     fn of(s: &str) -> Option<Kind> {
         [Kind::Tls, Kind::Plain, Kind::Admin]
             .into_iter()

@@ -62,7 +62,8 @@ pub(crate) struct Admission {
     per_ip: Mutex<HashMap<IpKey, u32>>,
     active: AtomicUsize,
     /// Fleet-wide state, when `[cluster]` is configured.
-    fleet: Mutex<Option<Fleet>>,
+    /// Set once by [`Admission::join_fleet`]; without `[cluster]` admission never locks it.
+    fleet: std::sync::OnceLock<Mutex<Fleet>>,
 }
 
 /// The per-address budget shared with other instances.
@@ -122,7 +123,7 @@ impl Admission {
             rate: ArcSwapOption::empty(),
             per_ip: Mutex::new(HashMap::new()),
             active: AtomicUsize::new(0),
-            fleet: Mutex::new(None),
+            fleet: std::sync::OnceLock::new(),
         };
         a.rate.store(limiter(limits).map(Arc::new));
         Arc::new(a)
@@ -145,21 +146,23 @@ impl Admission {
 
     /// Shares the budget with a fleet from now on.
     pub(crate) fn join_fleet(&self) {
-        *self.fleet_lock() = Some(Fleet {
+        let _ = self.fleet.set(Mutex::new(Fleet {
             instances: 1,
             ..Fleet::default()
-        });
+        }));
     }
 
     /// How many instances are alive, this one included.
     pub(crate) fn set_instances(&self, n: u32) {
-        if let Some(f) = self.fleet_lock().as_mut() {
+        if let Some(f) = self.fleet_lock().as_deref_mut() {
             f.instances = n.max(1);
         }
     }
 
-    fn fleet_lock(&self) -> std::sync::MutexGuard<'_, Option<Fleet>> {
-        self.fleet.lock().unwrap_or_else(|e| e.into_inner())
+    fn fleet_lock(&self) -> Option<std::sync::MutexGuard<'_, Fleet>> {
+        self.fleet
+            .get()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Admits or refuses a new connection from `ip`.
@@ -168,7 +171,7 @@ impl Admission {
         let key = IpKey::new(ip, s.limits.ipv6_prefix);
         let cap = s.limits.per_ip_max_connections;
         let mut fleet = self.fleet_lock();
-        match fleet.as_mut() {
+        match fleet.as_deref_mut() {
             Some(f) if s.limits.per_ip_rate > 0 => {
                 let (rate, burst) = (
                     f64::from(s.limits.per_ip_rate),
@@ -197,7 +200,7 @@ impl Admission {
         }
         if cap > 0 {
             let remote = fleet
-                .as_ref()
+                .as_deref()
                 .and_then(|f| f.remote_open.get(&key).copied())
                 .unwrap_or(0);
             let mut map = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
@@ -210,7 +213,7 @@ impl Admission {
             }
             *n += 1;
         }
-        if let Some(f) = fleet.as_mut() {
+        if let Some(f) = fleet.as_deref_mut() {
             *f.admitted.entry(key).or_insert(0) += 1;
             if cap > 0 {
                 f.dirty.insert(key);
@@ -227,7 +230,7 @@ impl Admission {
 
     /// Forgets rate state of addresses that have been quiet long enough to be at rest again.
     pub(crate) fn prune(&self) -> usize {
-        if let Some(f) = self.fleet_lock().as_mut() {
+        if let Some(f) = self.fleet_lock().as_deref_mut() {
             let s = self.settings.load();
             let (rate, burst) = (
                 f64::from(s.limits.per_ip_rate),
@@ -253,7 +256,7 @@ impl Admission {
     /// This instance's usage since the last call, for the other instances.
     pub(crate) fn take_usage(&self, full: bool) -> Usage {
         let mut fleet = self.fleet_lock();
-        let Some(f) = fleet.as_mut() else {
+        let Some(f) = fleet.as_deref_mut() else {
             return Usage {
                 admitted: Vec::new(),
                 open: Vec::new(),
@@ -289,7 +292,7 @@ impl Admission {
         );
         let now = std::time::Instant::now();
         let mut fleet = self.fleet_lock();
-        let Some(f) = fleet.as_mut() else {
+        let Some(f) = fleet.as_deref_mut() else {
             return;
         };
         for (key, n) in admitted {
@@ -304,7 +307,7 @@ impl Admission {
 
     /// The other instances' open connections from `key`, summed.
     pub(crate) fn set_remote_open(&self, key: IpKey, n: u32) {
-        if let Some(f) = self.fleet_lock().as_mut() {
+        if let Some(f) = self.fleet_lock().as_deref_mut() {
             if n == 0 {
                 f.remote_open.remove(&key);
             } else {
@@ -332,7 +335,7 @@ impl Drop for Permit {
                     map.remove(&key);
                 }
             }
-            if let Some(f) = fleet.as_mut() {
+            if let Some(f) = fleet.as_deref_mut() {
                 f.dirty.insert(key);
             }
         }

@@ -91,10 +91,7 @@ impl Listeners {
                 continue;
             }
             let err = |error| BindError { addr: key.0, error };
-            let kind = match key.1 {
-                ListenerKind::Tls => crate::inherited::Kind::Tls,
-                ListenerKind::Plain => crate::inherited::Kind::Plain,
-            };
+            let kind = crate::inherited::Kind::of_listener(key.1);
             let bound = match inherited.take(key.0, kind) {
                 Some(s) => {
                     s.listener.set_nonblocking(true).map_err(err)?;
@@ -233,13 +230,7 @@ impl Listeners {
         use std::os::fd::AsFd;
         let map = self.lock();
         let admin = self.admin_lock();
-        let listeners = map.iter().map(|(k, e)| {
-            let kind = match k.1 {
-                ListenerKind::Tls => Kind::Tls,
-                ListenerKind::Plain => Kind::Plain,
-            };
-            (kind, e)
-        });
+        let listeners = map.iter().map(|(k, e)| (Kind::of_listener(k.1), e));
         listeners
             .chain(admin.iter().map(|e| (Kind::Admin, e)))
             .map(|(kind, e)| {

@@ -827,13 +827,7 @@ fn check_refuses_broken_auth_configurations_with_their_lines() {
          [[routes]]\npath = \"/x\"\nbackends = [\"127.0.0.1:2\"]\nauth = \"nobody\"\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
-        .args(["--check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(out.status.code(), Some(1), "{text}");
+    let text = check_refuses(&path);
     for want in [
         "auth.toml:8: auth[0].jwks_url: give jwks_file or jwks_url, not both",
         "auth.toml:13: auth[1].algorithms: \"none\"",

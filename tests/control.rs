@@ -557,13 +557,7 @@ fn check_refuses_an_admin_listener_beyond_loopback_without_a_token() {
         "[server]\nlisten = []\nlisten_plain = [\"127.0.0.1:1\"]\n[admin]\nlisten = \"0.0.0.0:9090\"\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
-        .args(["--check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(out.status.code(), Some(1), "{text}");
+    let text = check_refuses(&path);
     assert!(
         text.contains("admin.toml:5: admin.listen: 0.0.0.0:9090 is not a loopback address"),
         "{text}"
@@ -586,13 +580,7 @@ fn check_loads_backend_ca_bundles_and_checks_backend_server_names() {
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
-        .args(["--check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(out.status.code(), Some(1), "{text}");
+    let text = check_refuses(&path);
     assert!(text.contains("tls.toml:8: routes[0].backend_ca:"), "{text}");
     assert!(
         text.contains(

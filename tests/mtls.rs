@@ -45,6 +45,23 @@ async fn gate(pki: Pki, tls_extra: &str, rest: &str) -> Gate {
     Gate::start_with(pki, &text).await
 }
 
+/// A gateway requiring client certificates of its own CA on every connection, with `/chat`
+/// on `backend`; also the bundle's path.
+async fn required_gate(backend: SocketAddr) -> (Gate, std::path::PathBuf) {
+    let pki = Pki::new();
+    let ca = bundle(&pki, "devices-ca.pem", &pki.ca_pem.clone());
+    let g = gate(
+        pki,
+        &format!(
+            "client_ca = \"{}\"\nclient_auth = \"required\"",
+            ca.display()
+        ),
+        &route("/chat", backend, ""),
+    )
+    .await;
+    (g, ca)
+}
+
 /// TLS with `client` to the gateway under `sni`, then a WebSocket upgrade of `path` with
 /// `headers`.
 async fn ws(
@@ -114,17 +131,7 @@ fn valid(pki: &Pki, cn: &str) -> Cert {
 #[tokio::test]
 async fn required_mode_refuses_bad_certificates_and_forwards_the_valid_ones_identity() {
     let mut backend = EchoBackend::start().await;
-    let pki = Pki::new();
-    let ca = bundle(&pki, "devices-ca.pem", &pki.ca_pem.clone());
-    let g = gate(
-        pki,
-        &format!(
-            "client_ca = \"{}\"\nclient_auth = \"required\"",
-            ca.display()
-        ),
-        &route("/chat", backend.addr, ""),
-    )
-    .await;
+    let (g, _) = required_gate(backend.addr).await;
     let foreign = Pki::named("another CA");
     let cases: Vec<(&str, Option<Cert>, rustls::AlertDescription)> = vec![
         ("none", None, rustls::AlertDescription::CertificateRequired),
@@ -386,18 +393,8 @@ async fn a_name_of_its_own_can_require_certificates_another_does_not() {
 #[tokio::test]
 async fn a_reload_that_swaps_the_bundle_refuses_the_old_cas_certificates_and_keeps_tunnels() {
     let backend = EchoBackend::start().await;
-    let pki = Pki::new();
     let next = Pki::named("next devices CA");
-    let ca = bundle(&pki, "devices-ca.pem", &pki.ca_pem.clone());
-    let g = gate(
-        pki,
-        &format!(
-            "client_ca = \"{}\"\nclient_auth = \"required\"",
-            ca.display()
-        ),
-        &route("/chat", backend.addr, ""),
-    )
-    .await;
+    let (g, ca) = required_gate(backend.addr).await;
     let old_device = g
         .pki
         .client_config_presenting(Some(valid(&g.pki, "old-device")));
@@ -445,17 +442,7 @@ async fn a_reload_that_swaps_the_bundle_refuses_the_old_cas_certificates_and_kee
 #[tokio::test]
 async fn a_resumed_session_forwards_the_same_identity() {
     let mut backend = EchoBackend::start().await;
-    let pki = Pki::new();
-    let ca = bundle(&pki, "devices-ca.pem", &pki.ca_pem.clone());
-    let g = gate(
-        pki,
-        &format!(
-            "client_ca = \"{}\"\nclient_auth = \"required\"",
-            ca.display()
-        ),
-        &route("/chat", backend.addr, ""),
-    )
-    .await;
+    let (g, _) = required_gate(backend.addr).await;
     let device = g
         .pki
         .client_config_presenting(Some(valid(&g.pki, "device-3")));

@@ -398,13 +398,7 @@ fn unknown_keys_in_a_routes_websocket_table_are_refused_with_their_line() {
          backends = [\"127.0.0.1:2\"]\n[routes.websocket]\nmax_mesage_size = 10\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
-        .args(["--check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(out.status.code(), Some(1), "{text}");
+    let text = check_refuses(&path);
     assert!(text.contains("bad.toml:8:"), "{text}");
     assert!(text.contains("max_mesage_size"), "{text}");
 }

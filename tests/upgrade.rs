@@ -101,6 +101,19 @@ impl Installed {
         String::from_utf8_lossy(&buf[..n]).into_owned()
     }
 
+    /// Runs the installed binary on its configuration, with the notify socket and a log
+    /// reader.
+    fn run(
+        &self,
+    ) -> (
+        tokio::process::Child,
+        tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+    ) {
+        let mut cmd = tokio::process::Command::new(&self.bin);
+        cmd.arg("--config").arg(&self.config);
+        spawn_logged(cmd, &self.notify_path)
+    }
+
     /// The pid of the process that took over: its `MAINPID` and `READY=1`, in one message.
     async fn new_main_pid(&self) -> u32 {
         let msg = self.next_notify().await;
@@ -144,13 +157,22 @@ fn spawn_logged(
     tokio::process::Child,
     tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
 ) {
-    let mut child = cmd
-        .env("NOTIFY_SOCKET", notify)
+    cmd.env("NOTIFY_SOCKET", notify)
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+        .kill_on_drop(true);
+    // A binary just copied can be "busy" for a moment: another test's fork may hold the
+    // copy's descriptor until its exec (the usual ETXTBSY race of tests that copy programs).
+    let mut tries = 0;
+    let mut child = loop {
+        match cmd.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r => break r.unwrap(),
+        }
+    };
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -204,9 +226,7 @@ fn metric_line(metrics: &str, prefix: &str) -> Option<String> {
 async fn sigusr2_hands_over_to_the_new_binary_without_refusing_a_connection() {
     let _backend = EchoBackend::start().await;
     let w = Installed::new(_backend.addr);
-    let mut cmd = tokio::process::Command::new(&w.bin);
-    cmd.arg("--config").arg(&w.config);
-    let (mut old, mut logs) = spawn_logged(cmd, &w.notify_path);
+    let (mut old, mut logs) = w.run();
     let old_pid = old.id().unwrap();
     assert_eq!(w.next_notify().await, "READY=1");
 
@@ -309,9 +329,7 @@ async fn sigusr2_hands_over_to_the_new_binary_without_refusing_a_connection() {
 async fn an_upgrade_with_a_broken_configuration_leaves_the_old_process_serving() {
     let backend = EchoBackend::start().await;
     let w = Installed::new(backend.addr);
-    let mut cmd = tokio::process::Command::new(&w.bin);
-    cmd.arg("--config").arg(&w.config);
-    let (mut old, mut logs) = spawn_logged(cmd, &w.notify_path);
+    let (mut old, mut logs) = w.run();
     let old_pid = old.id().unwrap();
     assert_eq!(w.next_notify().await, "READY=1");
     let mut ws = w.ws().await.unwrap();
@@ -503,9 +521,7 @@ async fn listeners_on_port_zero_keep_their_ports_across_an_upgrade() {
             .replace(&w.admin.to_string(), "127.0.0.1:0"),
     )
     .unwrap();
-    let mut cmd = tokio::process::Command::new(&w.bin);
-    cmd.arg("--config").arg(&w.config);
-    let (mut old, mut logs) = spawn_logged(cmd, &w.notify_path);
+    let (mut old, mut logs) = w.run();
     w.tls = logged(&mut logs, "listening").await["fields"]["addr"]
         .as_str()
         .unwrap()

@@ -307,7 +307,8 @@ fn bad(e: String) -> (StatusCode, String) {
     (StatusCode::BAD_REQUEST, e)
 }
 
-fn rfc3339(t: SystemTime) -> String {
+/// A wall-clock time as the admin API writes it (RFC 3339, seconds).
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 

@@ -6,6 +6,8 @@
 
 mod api;
 
+pub(crate) use api::rfc3339;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -305,6 +305,18 @@ pub async fn read_all<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Runs `wsgate --check` on `path`, which must refuse it (exit 1); returns what it printed.
+pub fn check_refuses(path: &std::path::Path) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args(["--check", "--config"])
+        .arg(path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    text
+}
+
 /// A plain HTTP/1.1 GET, returning status and body (closes the connection after).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
