@@ -40,6 +40,7 @@
 pub mod config;
 pub mod systemd;
 
+mod acme;
 mod admin;
 mod auth;
 mod backends;
@@ -88,7 +89,8 @@ pub fn check(path: &std::path::Path) -> Vec<String> {
     // shows everything.
     if let Some(c) = config {
         if !c.server.listen.is_empty()
-            && let Err(e) = tls::server_config(&c.tls, &c.path)
+            && let Err(e) =
+                tls::server_config(&c.tls, &c.path, c.acme.as_ref().map(|_| Default::default()))
         {
             lines.extend(e.iter().map(ToString::to_string));
         }

@@ -474,7 +474,8 @@ async fn handshake(
             match tokio::time::timeout_at(deadline, ServerTls::accept(tcp, &tls_config, failed))
                 .await
             {
-                Ok(Ok((s, used))) => {
+                Ok(Ok(None)) => return None,
+                Ok(Ok(Some((s, used)))) => {
                     if let Some(leaf) = s.peer_leaf() {
                         conn.client_cert =
                             crate::tls::client_cert::ClientCert::from_der(leaf).map(Box::new);

@@ -84,6 +84,14 @@ pub(crate) struct BackendCheckLabel {
 
 /// An `action` label of the admin counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct CertLabel {
+    /// A DNS name the certificate is served for.
+    pub(crate) name: String,
+    /// `file` or `acme`.
+    pub(crate) source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ActionLabel {
     pub(crate) action: &'static str,
 }
@@ -156,6 +164,12 @@ pub(crate) struct Metrics {
     pub(crate) reloads: Family<ResultLabel, Counter>,
     /// Binary upgrades (SIGUSR2) by result.
     pub(crate) upgrades: Family<ResultLabel, Counter>,
+    /// ACME orders by result.
+    pub(crate) acme_orders: Family<ResultLabel, Counter>,
+    /// The `notAfter` of every certificate served, as Unix seconds.
+    pub(crate) cert_expiry: Family<CertLabel, Gauge>,
+    /// The names `cert_expiry` has `source="file"` series for.
+    file_certs: std::sync::Mutex<Vec<String>>,
     /// 1 when the last reload succeeded (or none was tried), 0 when it failed.
     pub(crate) config_ok: Gauge,
     /// 1 while Redis answers this instance's `[cluster]` syncs.
@@ -228,6 +242,9 @@ impl Metrics {
             backend_connect_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             reloads: Family::default(),
             upgrades: Family::default(),
+            acme_orders: Family::default(),
+            cert_expiry: Family::default(),
+            file_certs: Default::default(),
             config_ok: Gauge::default(),
             cluster_redis_up: Gauge::default(),
             relay: RelayCounters::default(),
@@ -337,6 +354,16 @@ impl Metrics {
             m.upgrades.clone(),
         );
         r.register(
+            "wsgate_acme_orders",
+            "ACME certificate orders by result",
+            m.acme_orders.clone(),
+        );
+        r.register(
+            "wsgate_certificate_expiry_timestamp_seconds",
+            "notAfter of every certificate served, by name and source (file or acme)",
+            m.cert_expiry.clone(),
+        );
+        r.register(
             "wsgate_policy_closes",
             "Tunnels closed for breaking a route's message size or rate limit",
             m.policy_closes.clone(),
@@ -411,6 +438,29 @@ impl Metrics {
             Some(_) => "other".into(),
         };
         self.closes.get_or_create(&CloseLabel { code, side }).inc();
+    }
+
+    /// The expiry gauges of file certificates: `files` (name, notAfter) replaces the set
+    /// before it, so a certificate a reload removed leaves no series behind.
+    pub(crate) fn set_file_certs(&self, files: &[(String, i64)]) {
+        let mut last = self.file_certs.lock().unwrap_or_else(|e| e.into_inner());
+        for name in last.drain(..) {
+            if !files.iter().any(|(n, _)| *n == name) {
+                self.cert_expiry.remove(&CertLabel {
+                    name,
+                    source: "file",
+                });
+            }
+        }
+        for (name, at) in files {
+            self.cert_expiry
+                .get_or_create(&CertLabel {
+                    name: name.clone(),
+                    source: "file",
+                })
+                .set(*at);
+            last.push(name.clone());
+        }
     }
 
     /// The text exposition.

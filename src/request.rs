@@ -170,6 +170,7 @@ pub fn fuzz_head(data: &[u8]) {
             config,
             &crate::server::Registries {
                 keys: &crate::auth::jwks::Registry::default(),
+                certs: &Default::default(),
                 backends: &crate::backends::Registry::default(),
                 metrics: &crate::metrics::Metrics::new(),
             },

@@ -54,7 +54,8 @@ impl Runtime {
         let tls = if config.server.listen.is_empty() {
             None
         } else {
-            match tls::server_config(&config.tls, &config.path) {
+            let acme = config.acme.as_ref().map(|_| reg.certs.clone());
+            match tls::server_config(&config.tls, &config.path, acme) {
                 Ok(t) => Some(t),
                 Err(e) => {
                     errors.extend(e);
@@ -102,6 +103,8 @@ impl Runtime {
 /// and backend states the old one had, by what the configuration names.
 pub(crate) struct Registries<'a> {
     pub(crate) keys: &'a auth::jwks::Registry,
+    /// What `[acme]` ordered, served by every snapshot's TLS configuration.
+    pub(crate) certs: &'a Arc<crate::acme::Certs>,
     pub(crate) backends: &'a backends::Registry,
     pub(crate) metrics: &'a metrics::Metrics,
 }
@@ -126,6 +129,8 @@ pub(crate) struct Shared {
     pub(crate) backends: backends::Registry,
     /// Every live tunnel.
     pub(crate) tunnels: TunnelRegistry,
+    /// Certificates by ACME and the task that orders them, kept across reloads.
+    pub(crate) acme: crate::acme::Manager,
     /// The fleet, with `[cluster]` (read at start; a reload does not change it).
     pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
     next_id: AtomicU64,
@@ -135,6 +140,7 @@ impl Shared {
     fn registries(&self) -> Registries<'_> {
         Registries {
             keys: &self.keys,
+            certs: &self.acme.certs,
             backends: &self.backends,
             metrics: &self.metrics,
         }
@@ -152,6 +158,14 @@ impl Shared {
             .map(|s| (s.route.clone(), s.label.clone()))
             .collect();
         self.pool.retain(&keep);
+    }
+
+    /// Puts a snapshot's certificates in force: the expiry gauges of its files, and its
+    /// `[acme]` (stored certificates loaded, orders planned).
+    fn certificates_follow(self: &Arc<Self>, rt: &Runtime) {
+        let files = rt.tls.as_ref().map(|t| t.file_expiry()).unwrap_or_default();
+        self.metrics.set_file_certs(&files);
+        self.acme.configure(self, rt.config.acme.as_ref());
     }
 
     /// Forgets every backend state (and its metric series) `rt` does not use: after a reload
@@ -302,8 +316,10 @@ impl Gateway {
         let keys = auth::jwks::Registry::default();
         let backends = backends::Registry::default();
         let metrics = metrics::Metrics::new();
+        let acme = crate::acme::Manager::default();
         let reg = Registries {
             keys: &keys,
+            certs: &acme.certs,
             backends: &backends,
             metrics: &metrics,
         };
@@ -324,6 +340,7 @@ impl Gateway {
             keys,
             backends,
             tunnels: TunnelRegistry::default(),
+            acme,
             cluster: cluster_conf.as_ref().and_then(crate::cluster::Cluster::new),
             next_id: AtomicU64::new(1),
             runtime: ArcSwap::from_pointee(runtime),
@@ -332,6 +349,8 @@ impl Gateway {
             .listeners
             .bind_missing(&wanted, &mut inherited)
             .map_err(|BindError { addr, error }| StartError::Bind(addr, error))?;
+        // Stored ACME certificates serve from the first handshake; ordering runs behind.
+        shared.certificates_follow(&shared.runtime.load());
         if accept_now {
             shared.listeners.open();
         }
@@ -487,6 +506,7 @@ impl Handle {
             .update(&cfg.limits, cfg.server.max_connections.get());
         let runtime = Arc::new(runtime);
         self.shared.runtime.store(runtime.clone());
+        self.shared.certificates_follow(&runtime);
         let stopped = self.shared.listeners.start(&self.shared, bound, &wanted);
         self.shared.backends_follow(&runtime);
         Ok(stopped)

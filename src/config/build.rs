@@ -45,7 +45,7 @@ struct Cx<'a> {
 impl Cx<'_> {
     fn build(&mut self, raw: Raw) -> Config {
         let server = self.server(raw.server);
-        let tls = self.tls(raw.tls);
+        let tls = self.tls(raw.tls, raw.acme.is_some());
         let limits = self.limits(raw.limits);
         let websocket = self.websocket("websocket", &raw.websocket, &d::websocket());
         let upstream = Upstream {
@@ -86,6 +86,7 @@ impl Cx<'_> {
         }
         let admin = Admin { listen, token_file };
         let cluster = raw.cluster.map(|c| self.cluster(c));
+        let acme = raw.acme.map(|a| self.acme(a, &server));
         let log = self.log(raw.log);
         let auth = self.auth(raw.auth);
         let routes = raw
@@ -115,6 +116,7 @@ impl Cx<'_> {
             upstream,
             admin,
             cluster: cluster.flatten(),
+            acme: acme.flatten(),
             log,
             auth,
             routes,
@@ -186,6 +188,172 @@ impl Cx<'_> {
         })
     }
 
+    fn acme(&mut self, a: Spanned<RawAcme>, server: &Server) -> Option<Acme> {
+        let line = self.line(a.span());
+        let a = a.into_inner();
+        let directory = match &a.directory {
+            None => d::ACME_DIRECTORY.to_string(),
+            Some(u) => {
+                let v = u.get_ref().trim().to_string();
+                if let Err(msg) = acme_directory(&v) {
+                    let l = self.line(u.span());
+                    self.push(l, "acme.directory", format!("\"{v}\" {msg}"));
+                }
+                v
+            }
+        };
+        let mut contact = Vec::new();
+        for c in a.contact.iter().flat_map(|l| l.get_ref()) {
+            let v = c.get_ref().trim().to_string();
+            let ok = match v.split_once(':') {
+                Some(("mailto", addr)) => {
+                    let at = addr.split_once('@');
+                    at.is_some_and(|(u, h)| {
+                        !u.is_empty() && !h.is_empty() && !h.contains(['@', ' ', '/'])
+                    })
+                }
+                Some((scheme, rest)) => {
+                    !rest.is_empty()
+                        && scheme
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+                }
+                None => false,
+            };
+            if !ok {
+                let l = self.line(c.span());
+                self.push(
+                    l,
+                    "acme.contact",
+                    format!("\"{v}\" is not a contact URI (write \"mailto:ops@example.com\")"),
+                );
+            }
+            contact.push(v);
+        }
+        let mut domains: Vec<String> = Vec::new();
+        match &a.domains {
+            None => self.push(
+                line,
+                "acme.domains",
+                "required in [acme] (the names to order)",
+            ),
+            Some(l) if l.get_ref().is_empty() => {
+                let l = self.line(l.span());
+                self.push(l, "acme.domains", "must name at least one domain");
+            }
+            Some(l) => {
+                for n in l.get_ref() {
+                    let v = n
+                        .get_ref()
+                        .trim()
+                        .trim_end_matches('.')
+                        .to_ascii_lowercase();
+                    let problem = if v.starts_with("*.") {
+                        Some(
+                            "is a wildcard: wildcards need the dns-01 challenge, which wsgate does not answer",
+                        )
+                    } else if v.parse::<std::net::IpAddr>().is_ok() {
+                        Some("is an IP address: ACME here orders DNS names")
+                    } else if !is_dns_name(&v) {
+                        Some("is not a DNS name")
+                    } else if domains.contains(&v) {
+                        Some("is listed twice")
+                    } else {
+                        None
+                    };
+                    let l = self.line(n.span());
+                    match problem {
+                        Some(p) => self.push(l, "acme.domains", format!("\"{v}\" {p}")),
+                        None => domains.push(v),
+                    }
+                }
+            }
+        }
+        let storage = self.path_or("acme.storage", &a.storage, d::ACME_STORAGE);
+        if let Err(msg) = writable_dir(&storage.value) {
+            let l = if storage.line == 0 {
+                line
+            } else {
+                storage.line
+            };
+            self.push(l, "acme.storage", msg);
+        }
+        let challenge =
+            match self.choice("acme.challenge", &a.challenge, &["tls-alpn-01", "http-01"]) {
+                Some("http-01") => AcmeChallenge::Http01,
+                _ => AcmeChallenge::TlsAlpn01,
+            };
+        let challenge_line = a.challenge.as_ref().map_or(line, |c| self.line(c.span()));
+        match challenge {
+            AcmeChallenge::Http01 if server.listen_plain.is_empty() => self.push(
+                challenge_line,
+                "acme.challenge",
+                "http-01 is answered on the plain listeners: set server.listen_plain (port 80)",
+            ),
+            AcmeChallenge::TlsAlpn01 if server.listen.is_empty() => self.push(
+                challenge_line,
+                "acme.challenge",
+                "tls-alpn-01 is answered on the TLS listeners: set server.listen (port 443)",
+            ),
+            _ => {}
+        }
+        let renew_before = match &a.renew_before {
+            None => RenewBefore::Fraction { num: 1, den: 3 },
+            Some(r) => match parse_renew_before(r.get_ref()) {
+                Ok(v) => v,
+                Err(msg) => {
+                    let l = self.line(r.span());
+                    self.push(l, "acme.renew_before", msg);
+                    RenewBefore::Fraction { num: 1, den: 3 }
+                }
+            },
+        };
+        let directory_ca = a
+            .directory_ca
+            .as_ref()
+            .map(|_| self.path_or("acme.directory_ca", &a.directory_ca, ""));
+        let eab = match (&a.eab_kid, &a.eab_hmac_key_file) {
+            (None, None) => None,
+            (Some(k), Some(_)) => {
+                let file = self.path_or("acme.eab_hmac_key_file", &a.eab_hmac_key_file, "");
+                let kid = k.get_ref().trim().to_string();
+                if kid.is_empty() {
+                    let l = self.line(k.span());
+                    self.push(l, "acme.eab_kid", "must not be empty");
+                }
+                Some((kid, file))
+            }
+            (Some(k), None) => {
+                let l = self.line(k.span());
+                self.push(
+                    l,
+                    "acme.eab_hmac_key_file",
+                    "eab_kid is set: set eab_hmac_key_file too",
+                );
+                None
+            }
+            (None, Some(f)) => {
+                let l = self.line(f.span());
+                self.push(
+                    l,
+                    "acme.eab_kid",
+                    "eab_hmac_key_file is set: set eab_kid too",
+                );
+                None
+            }
+        };
+        Some(Acme {
+            directory,
+            contact,
+            domains,
+            storage,
+            challenge,
+            renew_before,
+            directory_ca,
+            eab,
+        })
+    }
+
     fn server(&mut self, r: RawServer) -> Server {
         let listen = match &r.listen {
             None => d::LISTEN.iter().filter_map(|a| a.parse().ok()).collect(),
@@ -253,9 +421,25 @@ impl Cx<'_> {
         }
     }
 
-    fn tls(&mut self, r: RawTls) -> Tls {
-        let cert = self.path_or("tls.cert", &r.cert, d::TLS_CERT);
-        let key = self.path_or("tls.key", &r.key, d::TLS_KEY);
+    /// `[tls]`; with `[acme]` (`acme`) the default certificate is optional.
+    fn tls(&mut self, r: RawTls, acme: bool) -> Tls {
+        let default = match (&r.cert, &r.key) {
+            (None, None) if acme => None,
+            (Some(c), None) | (None, Some(c)) if acme => {
+                let line = self.line(c.span());
+                let (have, missing) = if r.cert.is_some() {
+                    ("tls.cert", "tls.key")
+                } else {
+                    ("tls.key", "tls.cert")
+                };
+                self.push(line, missing, format!("{have} is set: set {missing} too"));
+                None
+            }
+            _ => Some((
+                self.path_or("tls.cert", &r.cert, d::TLS_CERT),
+                self.path_or("tls.key", &r.key, d::TLS_KEY),
+            )),
+        };
         let mut sni = Vec::new();
         for (i, s) in r.sni.into_iter().enumerate() {
             let s = s.into_inner();
@@ -297,8 +481,7 @@ impl Cx<'_> {
             &r.client_auth,
         );
         Tls {
-            cert,
-            key,
+            default,
             sni,
             session_tickets: r.session_tickets.unwrap_or(d::SESSION_TICKETS),
             client_auth,
@@ -1339,4 +1522,72 @@ fn token_source(s: &str) -> Result<TokenSource, String> {
         "subprotocol" => TokenSource::Subprotocol(arg.to_string()),
         _ => return Err(bad()),
     })
+}
+
+/// Why `url` cannot be an ACME directory, if it cannot.
+fn acme_directory(url: &str) -> Result<(), &'static str> {
+    let uri: http::Uri = url.parse().map_err(|_| "is not a URL")?;
+    if uri.scheme_str() != Some("https") {
+        return Err("is not an https:// URL (ACME servers are reached over HTTPS)");
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err("has no host");
+    }
+    Ok(())
+}
+
+/// A host name as ACME orders it: dot-separated labels of letters, digits and inner hyphens.
+fn is_dns_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// `renew_before`: a fraction of the lifetime (`"1/3"`) or a duration (`"30d"`).
+pub(super) fn parse_renew_before(s: &str) -> Result<RenewBefore, String> {
+    let t = s.trim();
+    if let Some((n, dd)) = t.split_once('/') {
+        let (Ok(num), Ok(den)) = (n.trim().parse::<u32>(), dd.trim().parse::<u32>()) else {
+            return Err(format!("\"{t}\" is not a fraction like \"1/3\""));
+        };
+        if num == 0 || den == 0 || num >= den {
+            return Err(format!(
+                "\"{t}\" must be a fraction between 0 and 1, like \"1/3\""
+            ));
+        }
+        return Ok(RenewBefore::Fraction { num, den });
+    }
+    match parse_duration(t) {
+        Ok(d) if d.is_zero() => Err(format!("\"{t}\" is zero: nothing would ever be renewed")),
+        Ok(d) => Ok(RenewBefore::Left(d)),
+        Err(e) => Err(format!(
+            "{e}; or write a fraction of the lifetime like \"1/3\""
+        )),
+    }
+}
+
+/// Whether wsgate could keep its ACME files in `dir`: the folder, or the nearest existing
+/// folder above it (wsgate creates the rest), must be a writable directory.
+fn writable_dir(dir: &Path) -> Result<(), String> {
+    let mut p = dir;
+    loop {
+        match std::fs::metadata(p) {
+            Ok(m) if m.is_dir() => {
+                return rustix::fs::access(p, rustix::fs::Access::WRITE_OK)
+                    .map_err(|e| format!("{} is not writable: {e}", p.display()));
+            }
+            Ok(_) => return Err(format!("{} is not a directory", p.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match p.parent() {
+                Some(up) if !up.as_os_str().is_empty() => p = up,
+                _ => return Err(format!("{}: no existing folder above it", dir.display())),
+            },
+            Err(e) => return Err(format!("{}: {e}", p.display())),
+        }
+    }
 }

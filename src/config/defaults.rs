@@ -50,6 +50,9 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub(crate) const ADMIN_LISTEN: &str = "127.0.0.1:9090";
+/// `[acme]` defaults.
+pub(crate) const ACME_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+pub(crate) const ACME_STORAGE: &str = "/var/lib/wsgate/acme";
 pub(crate) const SYNC_INTERVAL: Duration = Duration::from_millis(100);
 pub(crate) const LOG_LEVEL: &str = "info";
 
@@ -114,6 +117,18 @@ pub(crate) const DOCUMENTED: &[(&str, &str)] = &[
     ("cluster.redis", "none"),
     ("cluster.instance", "the host name"),
     ("cluster.sync_interval", "\"100ms\""),
+    (
+        "acme.directory",
+        r#""https://acme-v02.api.letsencrypt.org/directory""#,
+    ),
+    ("acme.contact", "[]"),
+    ("acme.domains", "required"),
+    ("acme.storage", r#""/var/lib/wsgate/acme""#),
+    ("acme.challenge", r#""tls-alpn-01""#),
+    ("acme.renew_before", r#""1/3""#),
+    ("acme.directory_ca", "the system's roots only"),
+    ("acme.eab_kid", "none"),
+    ("acme.eab_hmac_key_file", "none"),
     ("log.format", r#""text""#),
     ("log.level", r#""info""#),
     ("auth.name", "required"),

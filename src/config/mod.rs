@@ -94,6 +94,8 @@ pub struct Config {
     pub(crate) admin: Admin,
     /// `[cluster]`: budgets and control shared with other instances through Redis.
     pub(crate) cluster: Option<Cluster>,
+    /// `[acme]`: certificates ordered from an ACME server.
+    pub(crate) acme: Option<Acme>,
     /// `[log]`.
     pub(crate) log: Log,
     /// `[[auth]]`, in file order; routes refer to them by index.
@@ -128,10 +130,9 @@ pub(crate) struct Server {
 /// `[tls]`: the default certificate and the SNI ones.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Tls {
-    /// Default PEM chain.
-    pub(crate) cert: Sourced<PathBuf>,
-    /// Default PEM key.
-    pub(crate) key: Sourced<PathBuf>,
+    /// Default PEM chain and key; `None` only with `[acme]` when neither key is set (names
+    /// without a certificate then fail their handshakes with `unrecognized_name`).
+    pub(crate) default: Option<(Sourced<PathBuf>, Sourced<PathBuf>)>,
     /// Further certificates picked by SNI.
     pub(crate) sni: Vec<SniCert>,
     /// Whether clients get session tickets to resume with a cheaper handshake.
@@ -232,6 +233,53 @@ pub(crate) struct Cluster {
     /// This instance's name in the fleet.
     pub(crate) instance: String,
     pub(crate) sync_interval: Duration,
+}
+
+/// `[acme]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Acme {
+    /// The directory URL (https).
+    pub(crate) directory: String,
+    /// Contact URIs for the account (`mailto:`).
+    pub(crate) contact: Vec<String>,
+    /// Lower-case DNS names, one certificate each.
+    pub(crate) domains: Vec<String>,
+    /// Folder for the account key, certificates and keys.
+    pub(crate) storage: Sourced<PathBuf>,
+    pub(crate) challenge: AcmeChallenge,
+    pub(crate) renew_before: RenewBefore,
+    /// Extra roots trusted for the ACME server's own certificate.
+    pub(crate) directory_ca: Option<Sourced<PathBuf>>,
+    /// External Account Binding: key id and the file holding the base64url HMAC key.
+    pub(crate) eab: Option<(String, Sourced<PathBuf>)>,
+}
+
+/// `acme.challenge`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AcmeChallenge {
+    /// RFC 8737, answered in the TLS handshake on `listen`.
+    TlsAlpn01,
+    /// Answered on `listen_plain` under `/.well-known/acme-challenge/`.
+    Http01,
+}
+
+impl AcmeChallenge {
+    /// The name the configuration and the logs use.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            AcmeChallenge::TlsAlpn01 => "tls-alpn-01",
+            AcmeChallenge::Http01 => "http-01",
+        }
+    }
+}
+
+/// `acme.renew_before`: when a certificate is renewed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RenewBefore {
+    /// When less than `num/den` of the lifetime is left.
+    Fraction { num: u32, den: u32 },
+    /// When less than this is left.
+    Left(Duration),
 }
 
 /// `[admin]`: the metrics and health listener.

@@ -15,6 +15,7 @@ pub(super) struct Raw {
     pub(super) admin: RawAdmin,
     pub(super) log: RawLog,
     pub(super) cluster: Option<Spanned<RawCluster>>,
+    pub(super) acme: Option<Spanned<RawAcme>>,
     pub(super) auth: Vec<Spanned<RawAuth>>,
     pub(super) routes: Vec<RawRoute>,
 }
@@ -155,6 +156,20 @@ pub(super) struct RawCluster {
     pub(super) redis: Opt<String>,
     pub(super) instance: Opt<String>,
     pub(super) sync_interval: Opt<Value>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawAcme {
+    pub(super) directory: Opt<String>,
+    pub(super) contact: Opt<Vec<Spanned<String>>>,
+    pub(super) domains: Opt<Vec<Spanned<String>>>,
+    pub(super) storage: Opt<String>,
+    pub(super) challenge: Opt<String>,
+    pub(super) renew_before: Opt<String>,
+    pub(super) directory_ca: Opt<String>,
+    pub(super) eab_kid: Opt<String>,
+    pub(super) eab_hmac_key_file: Opt<String>,
 }
 
 #[derive(Deserialize, Default)]

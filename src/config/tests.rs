@@ -21,7 +21,7 @@ fn defaults_are_the_documented_ones() {
     assert_eq!(c.limits.per_ip_burst, 40);
     assert_eq!(c.upstream.response_timeout, Duration::from_secs(60));
     assert_eq!(
-        c.tls.cert.value,
+        c.tls.default.as_ref().unwrap().0.value,
         PathBuf::from("/etc/wsgate/certs/localhost.pem")
     );
 }
@@ -132,6 +132,7 @@ fn writing_every_default_out_changes_nothing() {
         if table == "routes"
             || table == "auth"
             || table == "cluster"
+            || table == "acme"
             || table.starts_with("routes.")
             || *key == "tls.client_auth"
             || value.parse::<toml::Value>().is_err()
@@ -217,4 +218,61 @@ fn the_readme_reference_lists_exactly_these_keys_and_defaults() {
         a, b,
         "README rows (left) against the code's defaults (right)"
     );
+}
+
+#[test]
+fn acme_is_checked_without_contacting_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n[acme]\ndomains = [\"chat.example.com\"]\nstorage = \"{}\"\n",
+        dir.path().join("acme").display()
+    );
+    let c = parse(&good).unwrap();
+    let a = c.acme.as_ref().unwrap();
+    assert_eq!(a.challenge, AcmeChallenge::TlsAlpn01);
+    assert_eq!(a.renew_before, RenewBefore::Fraction { num: 1, den: 3 });
+    assert_eq!(a.directory, defaults::ACME_DIRECTORY);
+    // With [acme] and no [tls] keys there is no default certificate.
+    assert!(c.tls.default.is_none());
+
+    let bad = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n[acme]\n\
+         directory = \"http://acme.example/dir\"\n\
+         contact = [\"ops@example.com\"]\n\
+         domains = [\"*.example.com\", \"10.0.0.1\", \"bad_name.example\", \"ok.example\", \"ok.example\"]\n\
+         storage = \"{}\"\n\
+         challenge = \"http-01\"\n\
+         renew_before = \"3/2\"\n\
+         eab_kid = \"kid\"\n",
+        dir.path().join("file").join("acme").display()
+    );
+    std::fs::write(dir.path().join("file"), "not a folder").unwrap();
+    let text = parse(&bad).unwrap_err().to_string();
+    for needle in [
+        ":4: acme.directory: \"http://acme.example/dir\" is not an https:// URL",
+        ":5: acme.contact: \"ops@example.com\" is not a contact URI",
+        "acme.domains: \"*.example.com\" is a wildcard",
+        "acme.domains: \"10.0.0.1\" is an IP address",
+        "acme.domains: \"bad_name.example\" is not a DNS name",
+        "acme.domains: \"ok.example\" is listed twice",
+        "acme.storage:",
+        "Not a directory",
+        ":8: acme.challenge: http-01 is answered on the plain listeners",
+        ":9: acme.renew_before: \"3/2\" must be a fraction between 0 and 1",
+        ":10: acme.eab_hmac_key_file: eab_kid is set",
+    ] {
+        assert!(text.contains(needle), "{needle}\nnot in\n{text}");
+    }
+    assert!(
+        parse("[acme]\nstorage = \"/tmp\"\n")
+            .unwrap_err()
+            .to_string()
+            .contains("acme.domains: required in [acme]")
+    );
+    assert_eq!(
+        super::build::parse_renew_before("30d").unwrap(),
+        RenewBefore::Left(Duration::from_secs(30 * 86400))
+    );
+    assert!(super::build::parse_renew_before("0s").is_err());
+    assert!(super::build::parse_renew_before("30").is_err());
 }

@@ -111,6 +111,30 @@ pub(crate) async fn serve(conn: Conn, stream: ClientStream) -> Option<Tunnel> {
             d.buf = BytesMut::new();
         }
         requests += 1;
+        // HTTP-01 (`[acme]`): a validator's request for a token out is answered here, before
+        // routing; any other path under /.well-known/acme-challenge/ is routed as usual.
+        if conn.listener == crate::conn::ListenerKind::Plain
+            && parts.method == http::Method::GET
+            && let Some(key_auth) = conn.shared.acme.certs.http_answer(parts.uri.path())
+        {
+            let mut out = Vec::with_capacity(160 + key_auth.len());
+            out.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n");
+            out.extend_from_slice(
+                format!(
+                    "content-length: {}\r\nconnection: close\r\n\r\n",
+                    key_auth.len()
+                )
+                .as_bytes(),
+            );
+            out.extend_from_slice(key_auth.as_bytes());
+            {
+                let _g = conn.span.enter();
+                tracing::debug!(path = parts.uri.path(), "HTTP-01 challenge answered");
+            }
+            answer_and_close(d.stream, &out).await;
+            log_close(&conn, requests, 200, "closed");
+            return None;
+        }
         let rt = conn.rt.clone();
         let served = match request::decide(&conn, &rt, &mut parts).await {
             Ok(Decision {

@@ -1,7 +1,8 @@
 //! TLS termination: PEM certificates and keys (read with `rustls-pki-types`' `PemObject`),
 //! a check that each key matches its certificate, SNI choice among `[[tls.sni]]` entries, and
 //! the rustls `ServerConfig`s (TLS 1.2 and 1.3, ALPN `http/1.1`): one per distinct client
-//! certificate setting, picked by SNI before the handshake when names differ ([`TlsConfigs`]);
+//! certificate setting, picked by SNI before the handshake when names differ ([`TlsConfigs`]),
+//! with the certificates `[acme]` ordered ahead of the files for their names;
 //! [`stream`] runs connections and [`client_cert`] reads the identity a verified client
 //! certificate gives.
 
@@ -57,12 +58,35 @@ pub(crate) struct TlsConfigs {
     /// for all, and no need to read the ClientHello's name before the handshake.
     exact: HashMap<String, Arc<ServerConfig>>,
     wildcard: HashMap<String, Arc<ServerConfig>>,
+    /// The certificates, for the questions asked before a handshake.
+    resolver: Arc<SniResolver>,
+    /// (name, notAfter) of every file certificate, for the expiry gauge.
+    files: Vec<(String, i64)>,
 }
 
 impl TlsConfigs {
-    /// Whether the configuration depends on the client's SNI.
+    /// Whether the ClientHello must be read before the handshake: the configuration depends
+    /// on the SNI, or ACME may have to answer a challenge or refuse a name it has no
+    /// certificate for yet.
     pub(crate) fn by_name(&self) -> bool {
-        !self.exact.is_empty() || !self.wildcard.is_empty()
+        !self.exact.is_empty() || !self.wildcard.is_empty() || self.resolver.acme.is_some()
+    }
+
+    /// The TLS-ALPN-01 answer for `sni`, when a client asking for `acme-tls/1` is a
+    /// validator of a pending order.
+    pub(crate) fn challenge(&self, sni: Option<&str>) -> Option<Arc<ServerConfig>> {
+        let acme = self.resolver.acme.as_ref()?;
+        acme.challenge(&normalise(sni?))
+    }
+
+    /// Whether a certificate would be served for `sni`.
+    pub(crate) fn can_serve(&self, sni: Option<&str>) -> bool {
+        self.resolver.pick(sni).is_some()
+    }
+
+    /// (name, notAfter in Unix seconds) of every certificate loaded from files.
+    pub(crate) fn file_expiry(&self) -> Vec<(String, i64)> {
+        self.files.clone()
     }
 
     /// The configuration for a connection naming `sni`, chosen as the certificate is.
@@ -104,14 +128,36 @@ pub(crate) fn failure_reason(e: &std::io::Error) -> &'static str {
 pub(crate) fn server_config(
     tls: &Tls,
     config_file: &std::path::Path,
+    acme: Option<Arc<crate::acme::Certs>>,
 ) -> Result<Arc<TlsConfigs>, Vec<ConfigError>> {
     let provider = provider();
     let mut errors = Vec::new();
-    let default = load_pair(&tls.cert, &tls.key, &provider, config_file, &mut errors);
+    let mut files = Vec::new();
+    let note = |ck: &CertifiedKey, files: &mut Vec<(String, i64)>| {
+        if let Some(leaf) = ck.cert.first()
+            && let Some(at) = crate::acme::store::not_after_unix(leaf.as_ref())
+        {
+            for n in crate::acme::store::names_of(leaf.as_ref()) {
+                if !files.iter().any(|(f, _)| *f == n) {
+                    files.push((n, at));
+                }
+            }
+        }
+    };
+    let mut default_missing = false;
+    let default = match &tls.default {
+        Some((cert, key)) => {
+            let d = load_pair(cert, key, &provider, config_file, &mut errors);
+            default_missing = d.is_none();
+            d
+        }
+        None => None,
+    };
     let mut exact = HashMap::new();
     let mut wildcard = HashMap::new();
     for sni in &tls.sni {
         if let Some(ck) = load_pair(&sni.cert, &sni.key, &provider, config_file, &mut errors) {
+            note(&ck, &mut files);
             match sni.server_name.strip_prefix("*.") {
                 Some(suffix) => wildcard.insert(suffix.to_string(), ck),
                 None => exact.insert(sni.server_name.clone(), ck),
@@ -142,16 +188,17 @@ pub(crate) fn server_config(
         };
         verifiers.push((setting, v));
     }
-    let Some(default) = default else {
+    if default_missing || !errors.is_empty() {
         return Err(errors);
-    };
-    if !errors.is_empty() {
-        return Err(errors);
+    }
+    if let Some(d) = &default {
+        note(d, &mut files);
     }
     let resolver = Arc::new(SniResolver {
         exact,
         wildcard,
         default,
+        acme,
     });
     let mut built: Vec<(Option<ClientAuth>, Arc<ServerConfig>)> = Vec::new();
     for (setting, v) in verifiers {
@@ -169,6 +216,8 @@ pub(crate) fn server_config(
         default: config_for(&tls.client_auth),
         exact: HashMap::new(),
         wildcard: HashMap::new(),
+        resolver,
+        files,
     };
     // Every entry, with or without settings of its own, so the configuration is picked by
     // exactly the rule the certificate is (an exact name beats a wildcard with settings).
@@ -326,20 +375,31 @@ fn ticketer(
     Ok(fresh)
 }
 
-/// Picks the certificate for the client's SNI: exact name, then `*.` wildcard, then default.
+/// Picks the certificate for the client's SNI: the one ACME ordered for the name, then the
+/// exact name's file, then a `*.` wildcard, then the default (when there is one).
 #[derive(Debug)]
 struct SniResolver {
     exact: HashMap<String, Arc<CertifiedKey>>,
     wildcard: HashMap<String, Arc<CertifiedKey>>,
-    default: Arc<CertifiedKey>,
+    default: Option<Arc<CertifiedKey>>,
+    acme: Option<Arc<crate::acme::Certs>>,
 }
 
-impl ResolvesServerCert for SniResolver {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let Some(name) = hello.server_name() else {
-            return Some(self.default.clone());
+fn normalise(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+impl SniResolver {
+    fn pick(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let Some(name) = sni else {
+            return self.default.clone();
         };
-        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        let name = normalise(name);
+        if let Some(acme) = &self.acme
+            && let Some(ck) = acme.get(&name)
+        {
+            return Some(ck);
+        }
         if let Some(ck) = self.exact.get(&name) {
             return Some(ck.clone());
         }
@@ -348,7 +408,13 @@ impl ResolvesServerCert for SniResolver {
         {
             return Some(ck.clone());
         }
-        Some(self.default.clone())
+        self.default.clone()
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.pick(hello.server_name())
     }
 }
 

@@ -71,26 +71,68 @@ impl ServerTls {
     /// (a bad client certificate's, say) before the error is returned.
     /// Also returns the configuration used when it depended on the SNI. `failed` sees the
     /// error first (before the alert goes out, so it is counted by the time the peer reads it).
+    /// `Ok(None)`: the client was an ACME validator, answered and closed.
     pub(crate) async fn accept(
         mut tcp: TcpStream,
         configs: &crate::tls::TlsConfigs,
         failed: impl FnOnce(&io::Error),
-    ) -> io::Result<(ServerTls, Option<std::sync::Arc<rustls::ServerConfig>>)> {
+    ) -> io::Result<Option<Handshaken>> {
         let (config, partial, used) = if configs.by_name() {
-            let (sni, hello) = match read_client_hello(&mut tcp).await {
+            let hello = match read_client_hello(&mut tcp).await {
                 Ok(x) => x,
                 Err(e) => {
                     failed(&e);
                     return Err(e);
                 }
             };
-            let c = configs.pick(sni.as_deref()).clone();
-            (c.clone(), hello, Some(c))
+            let sni = hello.name.as_deref();
+            if hello.acme_alpn
+                && let Some(answer) = configs.challenge(sni)
+            {
+                let mut s = ServerTls::new(tcp, answer, hello.bytes)?;
+                // The validator checks the certificate in the handshake; nothing follows.
+                let answered = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                    std::future::poll_fn(|cx| s.poll_handshake(cx)).await?;
+                    tokio::io::AsyncWriteExt::shutdown(&mut s).await
+                })
+                .await;
+                tracing::debug!(
+                    name = sni.unwrap_or(""),
+                    ok = matches!(answered, Ok(Ok(()))),
+                    "TLS-ALPN-01 challenge answered"
+                );
+                return Ok(None);
+            }
+            if !configs.can_serve(sni) {
+                let e = io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "no certificate for the name the client asked for",
+                );
+                failed(&e);
+                refuse_name(&mut tcp).await;
+                return Err(e);
+            }
+            let c = configs.pick(sni).clone();
+            (c.clone(), hello.bytes, Some(c))
         } else {
             (configs.any().clone(), Vec::new(), None)
         };
+        let mut s = ServerTls::new(tcp, config, partial)?;
+        if let Err(e) = std::future::poll_fn(|cx| s.poll_handshake(cx)).await {
+            failed(&e);
+            s.send_alert().await;
+            return Err(e);
+        }
+        Ok(Some((s, used)))
+    }
+
+    fn new(
+        tcp: TcpStream,
+        config: std::sync::Arc<rustls::ServerConfig>,
+        partial: Vec<u8>,
+    ) -> io::Result<ServerTls> {
         let conn = UnbufferedServerConnection::new(config).map_err(io::Error::other)?;
-        let mut s = ServerTls {
+        Ok(ServerTls {
             tcp,
             conn,
             partial,
@@ -99,13 +141,7 @@ impl ServerTls {
             out_pos: 0,
             peer_closed: false,
             closed: false,
-        };
-        if let Err(e) = std::future::poll_fn(|cx| s.poll_handshake(cx)).await {
-            failed(&e);
-            s.send_alert().await;
-            return Err(e);
-        }
-        Ok((s, used))
+        })
     }
 
     /// The peer's certificate chain, once verified (also on a resumed session: rustls keeps
@@ -242,12 +278,37 @@ impl ServerTls {
     }
 }
 
+/// An established connection and the configuration picked for it when that depended on the
+/// SNI.
+pub(crate) type Handshaken = (ServerTls, Option<std::sync::Arc<rustls::ServerConfig>>);
+
+/// What the ClientHello said, and every byte read for it.
+struct Hello {
+    name: Option<String>,
+    /// The client offers ALPN `acme-tls/1` (a TLS-ALPN-01 validator).
+    acme_alpn: bool,
+    bytes: Vec<u8>,
+}
+
+/// Answers a ClientHello naming something no certificate covers with the fatal
+/// `unrecognized_name` alert (a plaintext record: no handshake keys exist yet), and closes.
+async fn refuse_name(tcp: &mut TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    // Record: alert, TLS 1.2 framing, length 2; alert: fatal (2), unrecognized_name (112).
+    const ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70];
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(500), async {
+        tcp.write_all(&ALERT).await?;
+        tcp.shutdown().await
+    })
+    .await;
+}
+
 /// The largest ClientHello read to find the server name before the handshake.
 const MAX_CLIENT_HELLO: usize = 32 * 1024;
 
 /// Reads the ClientHello (rustls' `Acceptor` parses it) and returns its server name and every
 /// byte read, which the handshake then starts from.
-async fn read_client_hello(tcp: &mut TcpStream) -> io::Result<(Option<String>, Vec<u8>)> {
+async fn read_client_hello(tcp: &mut TcpStream) -> io::Result<Hello> {
     use tokio::io::AsyncReadExt;
     let mut acceptor = rustls::server::Acceptor::default();
     let mut seen = Vec::new();
@@ -269,8 +330,16 @@ async fn read_client_hello(tcp: &mut TcpStream) -> io::Result<(Option<String>, V
         }
         match acceptor.accept() {
             Ok(Some(accepted)) => {
-                let name = accepted.client_hello().server_name().map(str::to_string);
-                return Ok((name, seen));
+                let hello = accepted.client_hello();
+                let name = hello.server_name().map(str::to_string);
+                let acme_alpn = hello
+                    .alpn()
+                    .is_some_and(|mut a| a.any(|p| p == crate::acme::ACME_TLS_ALPN));
+                return Ok(Hello {
+                    name,
+                    acme_alpn,
+                    bytes: seen,
+                });
             }
             Ok(None) if seen.len() < MAX_CLIENT_HELLO => {}
             Ok(None) => {
