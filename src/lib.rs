@@ -101,6 +101,13 @@ pub fn check(path: &std::path::Path) -> Vec<String> {
                     .map(ToString::to_string),
             );
         }
+        if let Some(a) = &c.acme {
+            lines.extend(
+                acme::check_files(a, &c.path)
+                    .iter()
+                    .map(ToString::to_string),
+            );
+        }
         if let Err(e) = admin::read_token(&c) {
             lines.push(e.to_string());
         }

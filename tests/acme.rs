@@ -453,7 +453,7 @@ async fn http_01_on_the_plain_listener() {
         series(&m, &expiry("more.wsgate.test", "acme")).is_some(),
         "{m}"
     );
-    assert!(setup.storage.join("live.wsgate.test.crt.pem").exists());
+    assert!(setup.storage.join("live.wsgate.test.pem").exists());
     drop(pebble);
     gate.stop().await;
 }
@@ -580,4 +580,37 @@ async fn a_server_down_at_start_changes_nothing_until_it_is_back() {
         .await
         .unwrap();
     gate.stop().await;
+}
+
+#[test]
+fn check_reads_the_directory_ca_and_the_eab_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wsgate.toml");
+    std::fs::write(dir.path().join("eab.key"), "not base64url!\n").unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[acme]\ndomains = [\"chat.example.com\"]\n\
+             storage = \"{}\"\ndirectory_ca = \"{}\"\neab_kid = \"kid\"\neab_hmac_key_file = \"{}\"\n",
+            dir.path().join("acme").display(),
+            dir.path().join("missing-ca.pem").display(),
+            dir.path().join("eab.key").display(),
+        ),
+    )
+    .unwrap();
+    let errors = wsgate::check(&path);
+    let file = path.display().to_string();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with(&format!("{file}:6: acme.directory_ca:"))),
+        "{errors:?}"
+    );
+    assert!(
+        errors.iter().any(
+            |e| e.starts_with(&format!("{file}:8: acme.eab_hmac_key_file:"))
+                && e.contains("not base64url")
+        ),
+        "{errors:?}"
+    );
 }

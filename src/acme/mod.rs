@@ -46,8 +46,10 @@ pub(crate) struct Certs {
     tokens: Mutex<HashMap<String, (String, String)>>,
     /// How many challenges are out: the handshake and request paths look no further at 0.
     pending: AtomicUsize,
-    /// Held by whoever replaces `served` (the task, a reload), so no update is lost.
-    writer: Mutex<()>,
+    /// Held by whoever replaces `served` (the task, a reload), so no update is lost; it
+    /// holds the names `[acme]` lists now, so an order that ends after a reload removed its
+    /// name does not serve it again.
+    writer: Mutex<HashSet<String>>,
 }
 
 impl std::fmt::Debug for Certs {
@@ -109,10 +111,11 @@ impl Certs {
         self.served.load().get(name).cloned()
     }
 
-    fn update(&self, f: impl FnOnce(&mut HashMap<String, Arc<Loaded>>)) {
-        let _w = lock(&self.writer);
+    /// Replaces the served map under the writer lock; `f` sees the listed names.
+    fn update(&self, f: impl FnOnce(&mut HashSet<String>, &mut HashMap<String, Arc<Loaded>>)) {
+        let mut listed = lock(&self.writer);
         let mut map = (**self.served.load()).clone();
-        f(&mut map);
+        f(&mut listed, &mut map);
         self.served.store(Arc::new(map));
     }
 }
@@ -138,7 +141,8 @@ impl Manager {
             .map(|c| c.domains.iter().map(String::as_str).collect())
             .unwrap_or_default();
         let metrics = &shared.metrics;
-        self.certs.update(|map| {
+        self.certs.update(|listed, map| {
+            *listed = names.iter().map(|n| n.to_string()).collect();
             map.retain(|n, _| {
                 let keep = names.contains(n.as_str());
                 if !keep {
@@ -154,7 +158,7 @@ impl Manager {
                 if map.contains_key(name) {
                     continue;
                 }
-                match store::load(&conf.storage.value, name) {
+                match store::load(&conf.storage.value, name, &conf.directory) {
                     Ok(Some(l)) => {
                         tracing::info!(name = %name, not_after = %crate::admin::rfc3339(l.not_after), "ACME certificate loaded from storage");
                         set_expiry(metrics, name, &l);
@@ -240,7 +244,7 @@ impl Plan {
             && start < at
         {
             let span = end.duration_since(start).unwrap_or(Duration::ZERO);
-            at = start + span / 2;
+            at = at.min(start + span / 2);
         }
         match self.floor {
             Some(f) if f > at => f,
@@ -254,9 +258,23 @@ fn backoff(failures: u32) -> Duration {
     (MIN_BACKOFF * 2u32.saturating_pow(exp)).min(MAX_BACKOFF)
 }
 
-/// The task: orders each due name in turn, sleeps until the next is due or the configuration
-/// changes.
-async fn run(shared: Arc<Shared>, mut rx: watch::Receiver<Option<Arc<Conf>>>) {
+/// The task, for the time this process serves: not before its listeners accept (a process an
+/// upgrade started must not order while the old one still answers the challenges), not
+/// after its drain began (the process that took over orders from then on).
+async fn run(shared: Arc<Shared>, rx: watch::Receiver<Option<Arc<Conf>>>) {
+    let open = shared.listeners.opened();
+    tokio::select! {
+        _ = open.cancelled() => {}
+        _ = shared.drain.started() => return,
+    }
+    tokio::select! {
+        _ = plan_and_order(shared.clone(), rx) => {}
+        _ = shared.drain.started() => {}
+    }
+}
+
+/// Orders each due name in turn, sleeps until the next is due or the configuration changes.
+async fn plan_and_order(shared: Arc<Shared>, mut rx: watch::Receiver<Option<Arc<Conf>>>) {
     let certs = shared.acme.certs.clone();
     let mut plans: HashMap<String, Plan> = HashMap::new();
     let mut account: Option<instant_acme::Account> = None;
@@ -281,6 +299,8 @@ async fn run(shared: Arc<Shared>, mut rx: watch::Receiver<Option<Arc<Conf>>>) {
         if !same_account {
             account = None;
             client = None;
+            // A back-off earned against the old server or account says nothing of the new.
+            plans.clear();
             account_for = Some(conf.clone());
         }
         plans.retain(|n, _| conf.domains.contains(n));
@@ -303,7 +323,10 @@ async fn run(shared: Arc<Shared>, mut rx: watch::Receiver<Option<Arc<Conf>>>) {
             let Some(acct) = account.as_ref() else {
                 continue;
             };
-            match acct.renewal_info(id).await {
+            let asked = tokio::time::timeout(order::REQUEST_TIMEOUT, acct.renewal_info(id));
+            match asked.await.unwrap_or(Err(instant_acme::Error::Str(
+                "the ACME server did not answer",
+            ))) {
                 Ok((info, retry)) => {
                     let w = info.suggested_window;
                     let to_sys = |secs: i64| UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64);
@@ -367,28 +390,41 @@ async fn run(shared: Arc<Shared>, mut rx: watch::Receiver<Option<Arc<Conf>>>) {
         let old = certs.loaded(&name);
         let replaces = old.as_ref().and_then(|l| l.ari_id.clone());
         tracing::info!(name = %name, challenge = conf.challenge.name(), renewal = old.is_some(), "ordering an ACME certificate");
-        match order::order(&mut account, &conf, &c, &certs, &name, replaces.as_ref()).await {
+        let ordering = order::order(&mut account, &conf, &c, &certs, &name, replaces.as_ref());
+        // Every request has its own timeout, but a server that trickles a body does not
+        // hold the task (and every other name's renewal) forever.
+        let done = tokio::time::timeout(order::ORDER_TIMEOUT, ordering)
+            .await
+            .unwrap_or_else(|_| {
+                Err(order::Failure::local(
+                    "timeout",
+                    "the order did not complete in time",
+                ))
+            });
+        match done {
             Ok(issued) => {
                 if let Err(e) = store::save(
                     &conf.storage.value,
                     &name,
+                    &conf.directory,
                     &issued.chain_pem,
                     &issued.key_pem,
                 ) {
                     tracing::error!(name = %name, storage = %conf.storage.value.display(), error = %e, "ACME certificate not stored (served from memory until restart)");
                 }
-                // A reload may have removed the name while the order ran.
-                let listed = rx
-                    .borrow()
-                    .as_ref()
-                    .is_some_and(|c| c.domains.contains(&name));
-                if listed {
-                    let l = Arc::new(issued.loaded);
-                    tracing::info!(name = %name, not_after = %crate::admin::rfc3339(l.not_after), "ACME certificate issued and serving");
-                    certs.update(|m| {
+                // A reload may have removed the name while the order ran: checked under the
+                // lock a reload's configure takes, so the removal always wins.
+                let l = Arc::new(issued.loaded);
+                let mut serving = false;
+                certs.update(|listed, m| {
+                    if listed.contains(&name) {
                         m.insert(name.clone(), l.clone());
-                    });
-                    set_expiry(&shared.metrics, &name, &l);
+                        set_expiry(&shared.metrics, &name, &l);
+                        serving = true;
+                    }
+                });
+                if serving {
+                    tracing::info!(name = %name, not_after = %crate::admin::rfc3339(l.not_after), "ACME certificate issued and serving");
                 }
                 // Counted once it serves: whoever sees the count sees the certificate.
                 shared
@@ -435,6 +471,36 @@ fn failed(shared: &Shared, plans: &mut HashMap<String, Plan>, name: &str, f: ord
         retry_in_s = at.duration_since(now).unwrap_or_default().as_secs(),
         "ACME order failed; the current certificate keeps serving"
     );
+}
+
+/// The files `[acme]` names, read the way an order would read them, so `--check` reports a
+/// missing or malformed `directory_ca` or EAB key before the daemon needs it.
+pub(crate) fn check_files(conf: &Conf, file: &std::path::Path) -> Vec<crate::config::ConfigError> {
+    let mut errors = Vec::new();
+    let mut err = |s: &crate::config::Sourced<std::path::PathBuf>, message: String| {
+        errors.push(crate::config::ConfigError {
+            file: file.to_path_buf(),
+            line: s.line,
+            key: s.key.clone(),
+            message,
+        })
+    };
+    if let Some(ca) = &conf.directory_ca
+        && let Err(e) = crate::auth::jwks::client_tls(Some(&ca.value))
+    {
+        err(ca, e);
+    }
+    if let Some((_, f)) = &conf.eab {
+        match std::fs::read_to_string(&f.value) {
+            Err(e) => err(f, format!("{}: {e}", f.value.display())),
+            Ok(text) => {
+                if let Err(e) = order::eab_key(&text) {
+                    err(f, format!("{}: {e}", f.value.display()));
+                }
+            }
+        }
+    }
+    errors
 }
 
 #[cfg(test)]

@@ -20,8 +20,10 @@ use super::Certs;
 use super::store::{self, Loaded};
 use crate::config::{Acme as Conf, AcmeChallenge};
 
-/// How long one request to the ACME server may take.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one request to the ACME server may take (to its response head).
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one whole order may take: validation polls for up to 90 s, issuance as long.
+pub(crate) const ORDER_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Why an order (or the account it needs) failed, as the log line and back-off need it.
 #[derive(Debug)]
@@ -34,7 +36,7 @@ pub(crate) struct Failure {
 }
 
 impl Failure {
-    fn local(kind: &str, detail: impl std::fmt::Display) -> Failure {
+    pub(crate) fn local(kind: &str, detail: impl std::fmt::Display) -> Failure {
         Failure {
             kind: kind.to_string(),
             detail: detail.to_string(),
@@ -63,9 +65,10 @@ impl Failure {
         }
     }
 
-    /// Whether the server no longer knows the account (a test server restarted, say).
+    /// Whether the server no longer knows the account (a test server restarted, say). Not
+    /// `unauthorized`: that is also what a failed validation says.
     fn unknown_account(&self) -> bool {
-        self.kind.ends_with(":accountDoesNotExist") || self.kind.ends_with(":unauthorized")
+        self.kind.ends_with(":accountDoesNotExist")
     }
 }
 
@@ -269,14 +272,28 @@ pub(crate) async fn order(
             }
         };
         match order_once(&acct, conf.challenge, client, certs, name, replaces).await {
-            Err(f) if attempt == 0 && f.unknown_account() => {
+            Err(Refused::Account(f)) if attempt == 0 => {
                 tracing::info!(detail = %f.detail, "the ACME server does not know the account: creating one");
                 *account = None;
             }
-            other => return other,
+            Err(Refused::Account(f) | Refused::Order(f)) => return Err(f),
+            Ok(issued) => return Ok(issued),
         }
     }
     unreachable!("the loop returns on its second pass")
+}
+
+/// How an order failed: the account is unknown to the server (only `newOrder` says so), or
+/// anything else.
+enum Refused {
+    Account(Failure),
+    Order(Failure),
+}
+
+impl From<Failure> for Refused {
+    fn from(f: Failure) -> Refused {
+        Refused::Order(f)
+    }
 }
 
 async fn order_once(
@@ -286,21 +303,28 @@ async fn order_once(
     certs: &Certs,
     name: &str,
     replaces: Option<&instant_acme::CertificateIdentifier<'static>>,
-) -> Result<Issued, Failure> {
+) -> Result<Issued, Refused> {
     let acme = |e| Failure::from_acme(e, client);
     let ids = [Identifier::Dns(name.to_string())];
     let mut new = NewOrder::new(&ids);
     if let Some(r) = replaces {
         new = new.replaces(r.clone());
     }
-    let mut order = match account.new_order(&new).await {
-        Ok(o) => o,
+    let placed = match account.new_order(&new).await {
         // A server may refuse `replaces` (already replaced, say): order without it.
-        Err(_) if replaces.is_some() => account
-            .new_order(&NewOrder::new(&ids))
-            .await
-            .map_err(acme)?,
-        Err(e) => return Err(acme(e)),
+        Err(_) if replaces.is_some() => account.new_order(&NewOrder::new(&ids)).await,
+        other => other,
+    };
+    let mut order = match placed {
+        Ok(o) => o,
+        Err(e) => {
+            let f = acme(e);
+            return Err(if f.unknown_account() {
+                Refused::Account(f)
+            } else {
+                Refused::Order(f)
+            });
+        }
     };
     // Whatever happens below, the challenge answers go with this guard.
     let _answers = Answers { certs, name };
@@ -314,7 +338,8 @@ async fn order_once(
                 return Err(Failure::local(
                     "authorization",
                     format!("the authorization for {name} is {other:?}"),
-                ));
+                )
+                .into());
             }
         }
         let kind = match challenge {
@@ -353,22 +378,29 @@ async fn order_once(
         let mut detail = format!("the order is {status:?}");
         let mut kind = "orderNotReady".to_string();
         let mut authorizations = order.authorizations();
-        while let Some(Ok(a)) = authorizations.next().await {
+        while let Some(Ok(mut a)) = authorizations.next().await {
+            // The states read before validation are cached: fetch what the server saw.
+            if a.refresh().await.is_err() {
+                continue;
+            }
             if let Some(p) = a.challenges.iter().find_map(|c| c.error.clone()) {
                 kind = p.r#type.clone().unwrap_or(kind);
                 detail = p.to_string();
             }
         }
-        return Err(Failure {
+        return Err(Refused::Order(Failure {
             kind,
             detail,
             retry_after: client.take_retry_after(),
-        });
+        }));
     }
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|e| Failure::local("key", e))?;
-    let params = rcgen::CertificateParams::new(vec![name.to_string()])
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()])
         .map_err(|e| Failure::local("csr", e))?;
+    // rcgen's default subject ("rcgen self signed cert") is refused by public CAs: the name
+    // is in the subjectAltName, the subject stays empty.
+    params.distinguished_name = rcgen::DistinguishedName::new();
     let csr = params
         .serialize_request(&key)
         .map_err(|e| Failure::local("csr", e))?;
