@@ -214,7 +214,7 @@ fn plan_for(
     response::plan(&req.method, req.version, keep, status, headers)
 }
 
-fn count(conn: &Conn, route: &RouteEntry, status: StatusCode) {
+pub(crate) fn count(conn: &Conn, route: &RouteEntry, status: StatusCode) {
     conn.shared
         .metrics
         .http_requests

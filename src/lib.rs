@@ -48,6 +48,7 @@ mod cluster;
 mod conn;
 mod downstream;
 mod forward;
+mod http2;
 mod inherited;
 mod leftover;
 mod limits;
@@ -89,8 +90,12 @@ pub fn check(path: &std::path::Path) -> Vec<String> {
     // shows everything.
     if let Some(c) = config {
         if !c.server.listen.is_empty()
-            && let Err(e) =
-                tls::server_config(&c.tls, &c.path, c.acme.as_ref().map(|_| Default::default()))
+            && let Err(e) = tls::server_config(
+                &c.tls,
+                &c.path,
+                c.acme.as_ref().map(|_| Default::default()),
+                c.server.http2,
+            )
         {
             lines.extend(e.iter().map(ToString::to_string));
         }
@@ -126,6 +131,7 @@ pub fn check(path: &std::path::Path) -> Vec<String> {
 #[doc(hidden)]
 pub mod fuzz {
     pub use crate::downstream::body::fuzz_chunked as chunked;
+    pub use crate::http2::watch::fuzz_watch as h2_watch;
     pub use crate::proxy_protocol::fuzz_proxy_header as proxy_header;
     pub use crate::relay::fuzz_frames as frames;
     pub use crate::request::fuzz_head as head;

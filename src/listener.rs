@@ -496,6 +496,11 @@ async fn handshake(
             }
         }
     };
+    if crate::http2::negotiated(&stream) {
+        // Its tunnels are streams of this connection, run as tasks of their own.
+        crate::http2::serve(conn, stream).await;
+        return None;
+    }
     crate::downstream::serve(conn, stream).await
 }
 

@@ -16,6 +16,15 @@ pub(crate) struct RouteLabel {
     pub(crate) route: String,
 }
 
+/// Labels of the tunnels-opened counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct TunnelLabel {
+    /// Route label.
+    pub(crate) route: String,
+    /// What carried the tunnel: `http1` (an Upgrade) or `h2` (an extended CONNECT).
+    pub(crate) protocol: &'static str,
+}
+
 /// A `reason` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ReasonLabel {
@@ -119,7 +128,7 @@ pub(crate) struct Metrics {
     /// Open WebSocket tunnels by route.
     pub(crate) connections_open: Family<RouteLabel, Gauge>,
     /// WebSocket tunnels opened by route.
-    pub(crate) connections_total: Family<RouteLabel, Counter>,
+    pub(crate) connections_total: Family<TunnelLabel, Counter>,
     /// Plain HTTP requests forwarded by route and status class.
     pub(crate) http_requests: Family<RequestLabel, Counter>,
     /// Tunnels closed for breaking a route's limit, by route and limit.
@@ -280,7 +289,7 @@ impl Metrics {
         );
         r.register(
             "wsgate_connections",
-            "WebSocket tunnels opened by route",
+            "WebSocket tunnels opened by route and protocol",
             m.connections_total.clone(),
         );
         r.register(

@@ -55,7 +55,7 @@ impl Runtime {
             None
         } else {
             let acme = config.acme.as_ref().map(|_| reg.certs.clone());
-            match tls::server_config(&config.tls, &config.path, acme) {
+            match tls::server_config(&config.tls, &config.path, acme, config.server.http2) {
                 Ok(t) => Some(t),
                 Err(e) => {
                     errors.extend(e);

@@ -1,6 +1,7 @@
-//! A WebSocket Upgrade that passed the decision path becomes a tunnel here: the backend is
-//! connected (next one on failure), sent the Upgrade, its 101 checked, the gateway's own 101
-//! written to the client, and then [`Tunnel::run`] relays both sockets through
+//! A WebSocket handshake that passed the decision path becomes a tunnel here: the backend is
+//! connected (next one on failure), sent the Upgrade, its 101 checked ([`reach`]), the
+//! gateway's own answer given to the client (a 101 by [`open`] on HTTP/1.1, a 200 on an
+//! HTTP/2 stream by [`crate::http2`]), and then [`Tunnel::run`] relays both sides through
 //! [`crate::relay`] with the settings of the snapshot the connection started under.
 
 use std::pin::Pin;
@@ -28,10 +29,17 @@ use crate::tunnels::TunnelEntry;
 use crate::upstream::upgrade::{self, Answer};
 use crate::upstream::{self, BackendStream, Dial, DialError, Proxy};
 
-/// An established tunnel, ready to relay.
-pub(crate) struct Tunnel {
-    conn: Conn,
-    client: ClientStream,
+/// An established tunnel, ready to relay: its client side is a connection of its own (`C` a
+/// [`ClientStream`], `K` the [`Conn`] it owns) or a stream of a shared HTTP/2 connection (`K`
+/// an `Arc<Conn>`).
+pub(crate) struct Tunnel<C = ClientStream, K = Conn> {
+    conn: K,
+    /// The tunnel's id in logs, the registry and the admin API: the connection's own on
+    /// HTTP/1.1, one of its own per HTTP/2 stream.
+    id: u64,
+    /// `http1` or `h2`, as `wsgate_connections_total` labels it.
+    protocol: &'static str,
+    client: C,
     /// What the client sent past its Upgrade request (its first frames), relayed first.
     client_prefix: Bytes,
     backend: BackendStream,
@@ -54,6 +62,18 @@ pub(crate) enum Opened {
     Answered(Served),
 }
 
+/// A backend that took the Upgrade, or its answer when it did not.
+pub(crate) enum Reached {
+    /// The backend's checked 101: the headers to answer the client with (sticky cookie in)
+    /// and the tunnel's pieces.
+    Switched {
+        headers: http::HeaderMap,
+        parts: Box<TunnelParts>,
+    },
+    /// Any other status, to be relayed as it is.
+    Refused(http::Response<hyper::body::Incoming>),
+}
+
 /// The pieces of a tunnel before the connection context joins them.
 pub(crate) struct TunnelParts {
     backend: BackendStream,
@@ -72,6 +92,35 @@ pub(crate) async fn open(
     route: &RouteEntry,
     identity: Identity,
 ) -> Result<Opened, Refusal> {
+    let (headers, parts) = match reach(conn, &mut req, route, identity).await? {
+        Reached::Refused(resp) => {
+            return Ok(Opened::Answered(
+                crate::forward::relay_refusal(conn, d, &req, resp).await,
+            ));
+        }
+        Reached::Switched { headers, parts } => (headers, parts),
+    };
+    let mut head = Vec::with_capacity(256);
+    encode_switching(&headers, &mut head);
+    if d.stream.write_all(&head).await.is_err() || d.stream.flush().await.is_err() {
+        tracing::info!("client went away before the 101 was sent");
+        return Ok(Opened::Answered(Served {
+            next: Next::Close,
+            status: 101,
+        }));
+    }
+    Ok(Opened::Tunnel(parts))
+}
+
+/// Connects a backend and has it take the Upgrade `req` describes (an HTTP/1.1 request: an
+/// HTTP/2 extended CONNECT is rewritten into one, with a key of the gateway's, before the
+/// decision path).
+pub(crate) async fn reach(
+    conn: &Conn,
+    req: &mut http::request::Parts,
+    route: &RouteEntry,
+    identity: Identity,
+) -> Result<Reached, Refusal> {
     let label = route.label();
     conn.note_route(&label);
     let cfg = &conn.rt.config.upstream;
@@ -94,7 +143,7 @@ pub(crate) async fn open(
         .observe(t0.elapsed().as_secs_f64());
     let answer = upgrade::upgrade(
         stream,
-        &req,
+        req,
         conn.client,
         conn.listener.proto(),
         cfg.response_timeout,
@@ -106,9 +155,7 @@ pub(crate) async fn open(
                 status = resp.status().as_u16(),
                 "backend refused the upgrade"
             );
-            return Ok(Opened::Answered(
-                crate::forward::relay_refusal(conn, d, &req, resp).await,
-            ));
+            return Ok(Reached::Refused(resp));
         }
         Answer::Switched(s) => s,
     };
@@ -118,23 +165,17 @@ pub(crate) async fn open(
     {
         switched.headers.append(http::header::SET_COOKIE, v);
     }
-    let mut head = Vec::with_capacity(256);
-    encode_switching(&switched.headers, &mut head);
-    if d.stream.write_all(&head).await.is_err() || d.stream.flush().await.is_err() {
-        tracing::info!("client went away before the 101 was sent");
-        return Ok(Opened::Answered(Served {
-            next: Next::Close,
-            status: 101,
-        }));
-    }
-    Ok(Opened::Tunnel(Box::new(TunnelParts {
-        backend: switched.stream,
-        backend_prefix: switched.leftover,
-        route: label,
-        settings: settings_for(route, &identity),
-        identity,
-        slot,
-    })))
+    Ok(Reached::Switched {
+        headers: switched.headers,
+        parts: Box::new(TunnelParts {
+            backend: switched.stream,
+            backend_prefix: switched.leftover,
+            route: label,
+            settings: settings_for(route, &identity),
+            identity,
+            slot,
+        }),
+    })
 }
 
 /// How one of a route's backends is reached from a client connection.
@@ -192,6 +233,8 @@ impl Tunnel {
             stream, mut buf, ..
         } = d;
         Tunnel {
+            id: conn.id,
+            protocol: "http1",
             conn,
             client: stream,
             client_prefix: buf.split().freeze(),
@@ -203,15 +246,43 @@ impl Tunnel {
             slot: parts.slot,
         }
     }
+}
 
+impl<C, K> Tunnel<C, K> {
+    /// A tunnel on one stream of an HTTP/2 connection (`conn` shared by its streams), `id`
+    /// its own.
+    pub(crate) fn on_stream(conn: K, id: u64, client: C, parts: TunnelParts) -> Self {
+        Tunnel {
+            conn,
+            id,
+            protocol: "h2",
+            client,
+            client_prefix: Bytes::new(),
+            backend: parts.backend,
+            backend_prefix: parts.backend_prefix,
+            route: parts.route,
+            settings: parts.settings,
+            identity: parts.identity,
+            slot: parts.slot,
+        }
+    }
+}
+
+impl<C, K> Tunnel<C, K>
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    K: std::borrow::Borrow<Conn>,
+{
     /// Registers and counts the tunnel and logs its opening; the future it returns relays
     /// until both sides are done, then counts and logs the tunnel's end. That future is what
     /// an idle tunnel holds, so it keeps only the relay and what the end needs, and runs
     /// outside the connection's span (entered for the two log lines only): the relay is the
     /// hot path.
-    pub(crate) fn run(self) -> Running {
+    pub(crate) fn run(self) -> Running<C, K> {
         let Tunnel {
-            conn,
+            conn: owner,
+            id,
+            protocol,
             client,
             client_prefix,
             backend,
@@ -221,6 +292,7 @@ impl Tunnel {
             identity,
             slot,
         } = self;
+        let conn: &Conn = owner.borrow();
         let shared = conn.shared.clone();
         let m = &shared.metrics;
         // An authenticator's subject first; else the client certificate's common name.
@@ -230,7 +302,7 @@ impl Tunnel {
                 .and_then(|c| c.common_name.clone())
         });
         let entry = Arc::new(TunnelEntry {
-            id: conn.id,
+            id,
             client: conn.client,
             route: route.clone(),
             backend: slot.backend().clone(),
@@ -246,7 +318,7 @@ impl Tunnel {
         shared.tunnels.insert(entry.clone());
         // A drain (of the process or of this backend) that began while the tunnel was being
         // set up has not seen it.
-        if let Some(at) = shared.drain.close_at(conn.id) {
+        if let Some(at) = shared.drain.close_at(id) {
             entry.close(Order {
                 at,
                 why: Why::Shutdown,
@@ -260,11 +332,22 @@ impl Tunnel {
         }
         let route_label = RouteLabel { route };
         let throttled = m.throttled_seconds.get_or_create(&route_label).clone();
-        m.connections_total.get_or_create(&route_label).inc();
+        m.connections_total
+            .get_or_create(&crate::metrics::TunnelLabel {
+                route: route_label.route.clone(),
+                protocol,
+            })
+            .inc();
         m.connections_open.get_or_create(&route_label).inc();
         shared.stats.tunnel_opened();
-        conn.span
-            .in_scope(|| tracing::info!(subject = entry.subject.as_deref(), "tunnel opened"));
+        conn.span.in_scope(|| {
+            tracing::info!(
+                tunnel = id,
+                protocol,
+                subject = entry.subject.as_deref(),
+                "tunnel opened"
+            )
+        });
         let relay = relay::Relaying::new(
             relay::Peers {
                 client,
@@ -273,14 +356,14 @@ impl Tunnel {
                 backend_prefix,
             },
             &settings,
-            conn.id,
+            id,
         );
         Running {
             relay,
             end: End {
                 opened: entry.opened,
                 entry,
-                conn,
+                conn: owner,
                 route_label,
                 throttled,
                 _slot: slot,
@@ -292,17 +375,17 @@ impl Tunnel {
 
 pin_project_lite::pin_project! {
     /// An open tunnel: its relay, and what counting and logging its end takes.
-    pub(crate) struct Running {
+    pub(crate) struct Running<C, K: std::borrow::Borrow<Conn>> {
         #[pin]
-        relay: relay::Relaying<ClientStream, BackendStream>,
-        end: End,
+        relay: relay::Relaying<C, BackendStream>,
+        end: End<K>,
     }
 }
 
 /// What a tunnel keeps for its end. Dropping it (the tunnel ended, or the runtime dropped the
 /// task) takes the tunnel out of the registry and off its backend's count.
-struct End {
-    conn: Conn,
+struct End<K: std::borrow::Borrow<Conn>> {
+    conn: K,
     entry: Arc<TunnelEntry>,
     route_label: RouteLabel,
     throttled: Seconds,
@@ -313,22 +396,26 @@ struct End {
     done: bool,
 }
 
-impl Drop for End {
+impl<K: std::borrow::Borrow<Conn>> Drop for End<K> {
     fn drop(&mut self) {
         if !self.done {
-            self.conn.shared.tunnels.remove(self.entry.id);
+            self.conn.borrow().shared.tunnels.remove(self.entry.id);
         }
     }
 }
 
-impl std::future::Future for Running {
+impl<C, K> std::future::Future for Running<C, K>
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    K: std::borrow::Borrow<Conn>,
+{
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.project();
         let end = &*this.end;
         let tally = TunnelTally {
-            relay: &end.conn.shared.metrics.relay,
+            relay: &end.conn.borrow().shared.metrics.relay,
             throttled: &end.throttled,
             entry: &end.entry,
         };
@@ -338,9 +425,10 @@ impl std::future::Future for Running {
     }
 }
 
-impl End {
+impl<K: std::borrow::Borrow<Conn>> End<K> {
     fn finish(&mut self, s: relay::Summary) {
-        let shared = &self.conn.shared;
+        let conn: &Conn = self.conn.borrow();
+        let shared = &conn.shared;
         // Out of the list before the count drops, so whoever waits on the count sees the list
         // agree.
         shared.tunnels.remove(self.entry.id);
@@ -373,8 +461,9 @@ impl End {
             }
             _ => {}
         }
-        self.conn.span.in_scope(|| {
+        conn.span.in_scope(|| {
             tracing::info!(
+                tunnel = self.entry.id,
                 duration_ms = self.opened.elapsed().as_millis() as u64,
                 bytes_up = s.traffic.bytes_up,
                 bytes_down = s.traffic.bytes_down,

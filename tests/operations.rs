@@ -382,7 +382,7 @@ async fn a_refused_origin_raises_the_origin_counter_by_one() {
         "{m}"
     );
     assert!(
-        m.contains("wsgate_connections_total{route=\"/chat\"} 1"),
+        m.contains("wsgate_connections_total{route=\"/chat\",protocol=\"http1\"} 1"),
         "{m}"
     );
     assert!(

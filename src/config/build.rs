@@ -388,6 +388,27 @@ impl Cx<'_> {
             d::MAX_REQUEST_HEAD_BYTES,
             256..=16 * 1024 * 1024,
         ) as usize;
+        let http2 = r.http2.unwrap_or(d::HTTP2);
+        let h2_max_concurrent_streams = self.count(
+            "server.h2_max_concurrent_streams",
+            &r.h2_max_concurrent_streams,
+            d::H2_MAX_CONCURRENT_STREAMS,
+            1,
+            10_000,
+        ) as u32;
+        let websocket_over_h2 = match &r.websocket_over_h2 {
+            Some(w) if *w.get_ref() && !http2 => {
+                let line = self.line(w.span());
+                self.push(
+                    line,
+                    "server.websocket_over_h2",
+                    "needs server.http2 = true: WebSockets over HTTP/2 ride HTTP/2 connections",
+                );
+                false
+            }
+            Some(w) => *w.get_ref(),
+            None => d::WEBSOCKET_OVER_H2,
+        };
         let workers = r.workers.as_ref().map(|w| {
             let n = self.count("server.workers", &Some(w.clone()), 1, 1, 1024);
             NonZeroUsize::new(n as usize).unwrap_or(NonZeroUsize::MIN)
@@ -418,6 +439,9 @@ impl Cx<'_> {
             max_request_head,
             proxy_protocol: r.proxy_protocol.unwrap_or(d::PROXY_PROTOCOL),
             workers,
+            http2,
+            h2_max_concurrent_streams,
+            websocket_over_h2,
         }
     }
 

@@ -73,6 +73,9 @@ pub(crate) const JWT_LEEWAY: Duration = Duration::from_secs(60);
 pub(crate) const REQUIRE_EXP: bool = true;
 pub(crate) const STRIP_TOKEN: bool = false;
 pub(crate) const EXPIRED_CLOSE_CODE: u16 = 1008;
+pub(crate) const HTTP2: bool = true;
+pub(crate) const H2_MAX_CONCURRENT_STREAMS: i64 = 100;
+pub(crate) const WEBSOCKET_OVER_H2: bool = false;
 pub(crate) const FORWARD_AUTH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Each key (dotted; `routes.` for keys of a `[[routes]]` entry) with its default as the
@@ -88,6 +91,9 @@ pub(crate) const DOCUMENTED: &[(&str, &str)] = &[
     ("server.max_request_head", r#""32KiB""#),
     ("server.proxy_protocol", "false"),
     ("server.workers", "one per core"),
+    ("server.http2", "true"),
+    ("server.h2_max_concurrent_streams", "100"),
+    ("server.websocket_over_h2", "false"),
     ("tls.cert", r#""certs/localhost.pem""#),
     ("tls.key", r#""certs/localhost-key.pem""#),
     ("tls.session_tickets", "true"),

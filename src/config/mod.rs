@@ -125,6 +125,13 @@ pub(crate) struct Server {
     pub(crate) proxy_protocol: bool,
     /// Runtime worker threads; `None` means one per core.
     pub(crate) workers: Option<NonZeroUsize>,
+    /// TLS listeners offer `h2` by ALPN beside `http/1.1`.
+    pub(crate) http2: bool,
+    /// Streams one HTTP/2 connection may have open at once.
+    pub(crate) h2_max_concurrent_streams: u32,
+    /// HTTP/2 connections announce `SETTINGS_ENABLE_CONNECT_PROTOCOL` and take WebSockets by
+    /// extended CONNECT (RFC 8441). Only with `http2`.
+    pub(crate) websocket_over_h2: bool,
 }
 
 /// `[tls]`: the default certificate and the SNI ones.

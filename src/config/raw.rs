@@ -92,6 +92,9 @@ pub(super) struct RawServer {
     pub(super) max_request_head: Opt<Value>,
     pub(super) proxy_protocol: Option<bool>,
     pub(super) workers: Opt<i64>,
+    pub(super) http2: Option<bool>,
+    pub(super) h2_max_concurrent_streams: Opt<i64>,
+    pub(super) websocket_over_h2: Opt<bool>,
 }
 
 #[derive(Deserialize, Default)]

@@ -464,7 +464,15 @@ where
             return found;
         }
         let finished = d.ended() || d.flow == Flow::Stopped;
-        if finished && !matches!(d.flow, Flow::Closing(_)) && matches!(d.sink, Sink::Open { .. }) {
+        // A source that broke (a reset, an HTTP/2 stream reset) while frames still flowed is
+        // not passed on as an end: the tunnel answers it this pass by closing the other side
+        // with a Close frame (1001), which a shut socket could no longer carry.
+        let broke_open = d.read_error() && d.flow == Flow::Forwarding;
+        if finished
+            && !broke_open
+            && !matches!(d.flow, Flow::Closing(_))
+            && matches!(d.sink, Sink::Open { .. })
+        {
             match Pin::new(&mut *dst).poll_shutdown(cx) {
                 Poll::Ready(Ok(())) => d.sink = Sink::Shut,
                 Poll::Ready(Err(_)) => d.sink = Sink::Failed,

@@ -1,7 +1,8 @@
 //! TLS termination: PEM certificates and keys (read with `rustls-pki-types`' `PemObject`),
 //! a check that each key matches its certificate, SNI choice among `[[tls.sni]]` entries, and
-//! the rustls `ServerConfig`s (TLS 1.2 and 1.3, ALPN `http/1.1`): one per distinct client
-//! certificate setting, picked by SNI before the handshake when names differ ([`TlsConfigs`]),
+//! the rustls `ServerConfig`s (TLS 1.2 and 1.3; ALPN `h2`, with `[server] http2`, and
+//! `http/1.1`): one per distinct client certificate setting, picked by SNI before the
+//! handshake when names differ ([`TlsConfigs`]),
 //! with the certificates `[acme]` ordered ahead of the files for their names;
 //! [`stream`] runs connections and [`client_cert`] reads the identity a verified client
 //! certificate gives.
@@ -129,6 +130,7 @@ pub(crate) fn server_config(
     tls: &Tls,
     config_file: &std::path::Path,
     acme: Option<Arc<crate::acme::Certs>>,
+    http2: bool,
 ) -> Result<Arc<TlsConfigs>, Vec<ConfigError>> {
     let provider = provider();
     let mut errors = Vec::new();
@@ -202,7 +204,14 @@ pub(crate) fn server_config(
     });
     let mut built: Vec<(Option<ClientAuth>, Arc<ServerConfig>)> = Vec::new();
     for (setting, v) in verifiers {
-        let c = one_config(tls, &provider, resolver.clone(), v.as_ref(), config_file)?;
+        let c = one_config(
+            tls,
+            &provider,
+            resolver.clone(),
+            v.as_ref(),
+            config_file,
+            http2,
+        )?;
         built.push((setting, c));
     }
     let config_for = |setting: &Option<ClientAuth>| {
@@ -313,6 +322,7 @@ fn one_config(
     resolver: Arc<SniResolver>,
     verifier: Option<&Verifier>,
     config_file: &std::path::Path,
+    http2: bool,
 ) -> Result<Arc<ServerConfig>, Vec<ConfigError>> {
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -329,7 +339,12 @@ fn one_config(
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(resolver);
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // `ignore_client_order`: h2 whenever the client offers it, as every peer does.
+    config.alpn_protocols = if http2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
     config.ignore_client_order = true;
     if tls.session_tickets {
         // Stateless tickets: resumption costs no server memory however many clients return.

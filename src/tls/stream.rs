@@ -144,6 +144,11 @@ impl ServerTls {
         })
     }
 
+    /// The client chose HTTP/2 by ALPN.
+    pub(crate) fn alpn_h2(&self) -> bool {
+        self.conn.alpn_protocol() == Some(b"h2")
+    }
+
     /// The peer's certificate chain, once verified (also on a resumed session: rustls keeps
     /// it in the session).
     pub(crate) fn peer_leaf(&self) -> Option<&[u8]> {
