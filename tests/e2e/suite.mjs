@@ -408,6 +408,129 @@ async function websocatCase() {
   }
 }
 
+// A page served over HTTP/2 by wsgate opens a WebSocket to its own origin, echoes, and posts
+// what it saw to /h2/report (a plain route of the same gateway, so the page needs no CORS),
+// in headless Chromium and Firefox, against one gateway with websocket_over_h2 on and one
+// with it off; the gateways' metrics say which protocol carried each tunnel.
+function pageBackend(port) {
+  const reports = [];
+  const waiters = [];
+  const page = `<!doctype html><title>wsgate h2 e2e</title><script>
+const tag = new URLSearchParams(location.search).get('tag');
+const nav = performance.getEntriesByType('navigation')[0];
+const out = { tag, page: nav && nav.nextHopProtocol, opened: false, got: null, code: null, error: false };
+const report = () => fetch('/h2/report', { method: 'POST', body: JSON.stringify(out) });
+const ws = new WebSocket('wss://' + location.host + '/h2/ws');
+ws.onopen = () => { out.opened = true; ws.send('hello over ' + tag); };
+ws.onmessage = (e) => { out.got = e.data; ws.close(1000, 'done'); };
+ws.onerror = () => { out.error = true; };
+ws.onclose = (e) => { out.code = e.code; report(); };
+setTimeout(report, 15000);
+</script><p>h2 e2e</p>`;
+  const server = http.createServer((req, res) => {
+    if (req.method === 'POST' && req.url.startsWith('/h2/report')) {
+      let b = '';
+      req.on('data', (d) => { b += d; });
+      req.on('end', () => {
+        reports.push(JSON.parse(b));
+        for (const w of waiters.splice(0)) w();
+        res.writeHead(204);
+        res.end();
+      });
+      return;
+    }
+    res.writeHead(200, { 'content-type': 'text/html', 'cache-control': 'no-store' });
+    res.end(page);
+  });
+  const waitFor = (tag, ms) => withTimeout((async () => {
+    for (;;) {
+      const hit = reports.find((r) => r.tag === tag);
+      if (hit) return hit;
+      await new Promise((r) => waiters.push(r));
+    }
+  })(), ms, `report ${tag}`);
+  return new Promise((resolve) => server.listen(port, '127.0.0.1', () => resolve({ server, waitFor })));
+}
+
+// Firefox in a fresh profile that trusts the test CA (no WebDriver: the page reports itself).
+function firefoxVisit(dir, ca, url, tag) {
+  const profile = fs.mkdtempSync(path.join(dir, `ff-${tag}-`));
+  execFileSync('certutil', ['-N', '-d', `sql:${profile}`, '--empty-password']);
+  execFileSync('certutil', ['-A', '-d', `sql:${profile}`, '-n', 'wsgate e2e CA', '-t', 'C,,', '-i', ca]);
+  fs.writeFileSync(path.join(profile, 'user.js'), [
+    'user_pref("browser.shell.checkDefaultBrowser", false);',
+    'user_pref("datareporting.policy.dataSubmissionEnabled", false);',
+    'user_pref("toolkit.telemetry.reportingpolicy.firstRun", false);',
+    'user_pref("browser.aboutwelcome.enabled", false);',
+    'user_pref("app.update.enabled", false);',
+    'user_pref("network.http.http2.websockets", true);',
+  ].join('\n') + '\n');
+  return run('firefox-esr', ['--headless', '--no-remote', '--profile', profile, url],
+    { env: { ...process.env, MOZ_HEADLESS: '1' } });
+}
+
+async function http2Case(ctx) {
+  const client = 'http2 browsers';
+  const [pagePort, onPort, offPort, onAdmin, offAdmin] = await Promise.all(Array.from({ length: 5 }, freePort));
+  const pages = await pageBackend(pagePort);
+  const gateways = [];
+  try {
+    for (const [port, admin, on] of [[onPort, onAdmin, true], [offPort, offAdmin, false]]) {
+      const cfg = path.join(ctx.dir, `h2-${on ? 'on' : 'off'}.toml`);
+      fs.writeFileSync(cfg, `[server]\nlisten = ["127.0.0.1:${port}"]\nwebsocket_over_h2 = ${on}\n` +
+        `[tls]\ncert = "${ctx.tls.cert}"\nkey = "${ctx.tls.key}"\n` +
+        `[limits]\nper_ip_rate = 10000\nper_ip_burst = 10000\n[admin]\nlisten = "127.0.0.1:${admin}"\n` +
+        `[[routes]]\npath = "/h2/ws"\nbackends = ["127.0.0.1:${ctx.wsPort}"]\nallowed_origins = ["https://localhost:${port}"]\n` +
+        `[[routes]]\npath = "/h2"\nbackends = ["127.0.0.1:${pagePort}"]\n`);
+      gateways.push(run(wsgateBin, ['--config', cfg]));
+      await waitReady(admin);
+    }
+    const carried = async (admin, protocol) =>
+      metric(admin, `wsgate_connections_total{route="/h2/ws",protocol="${protocol}"}`);
+    const browser = await chromium.launch({
+      executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+      headless: true,
+      args: ['--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
+        '--disable-component-update', '--disable-sync', `--ignore-certificate-errors-spki-list=${ctx.tls.spki}`],
+    });
+    try {
+      for (const [name, visit] of [
+        ['chromium', async (url) => {
+          const page = await browser.newPage();
+          await page.goto(url);
+          return { page };
+        }],
+        ['firefox', async (url, tag) => ({ ff: firefoxVisit(ctx.dir, ctx.tls.ca, url, tag) })],
+      ]) {
+        for (const [mode, port, admin] of [['on', onPort, onAdmin], ['off', offPort, offAdmin]]) {
+          const tag = `${name}-${mode}`;
+          const before = { h2: await carried(admin, 'h2'), http1: await carried(admin, 'http1') };
+          const v = await visit(`https://localhost:${port}/h2/page?tag=${tag}`, tag);
+          let r;
+          try {
+            r = await pages.waitFor(tag, 45000);
+          } finally {
+            if (v.page) await v.page.close();
+            if (v.ff) v.ff.kill('SIGKILL');
+          }
+          check(client, `${tag}: the page came over HTTP/2`, r.page === 'h2', r.page);
+          check(client, `${tag}: the WebSocket opened and echoed`, r.opened && r.got === `hello over ${tag}` && r.code === 1000, r);
+          const after = { h2: await carried(admin, 'h2'), http1: await carried(admin, 'http1') };
+          const want = mode === 'on' ? 'h2' : 'http1';
+          const other = mode === 'on' ? 'http1' : 'h2';
+          check(client, `${tag}: wsgate's metrics say ${want} carried it`,
+            after[want] === before[want] + 1 && after[other] === before[other], { before, after });
+        }
+      }
+    } finally {
+      await browser.close();
+    }
+  } finally {
+    for (const g of gateways) g.kill('SIGTERM');
+    pages.server.close();
+  }
+}
+
 async function main() {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'wsgate-e2e-'));
   const tls = certificates(dir);
@@ -448,9 +571,10 @@ async function main() {
   fs.writeFileSync(cfgPath, config);
   const gw = run(wsgateBin, ['--config', cfgPath]);
   await waitReady(adminPort);
-  const ctx = { tls, gwPort, adminPort, wsPort, ws, py, allowedOrigin, otherOrigin, token: jwt.token, adminToken };
+  const ctx = { dir, tls, gwPort, adminPort, wsPort, ws, py, allowedOrigin, otherOrigin, token: jwt.token, adminToken };
   const cases = [['chromium', browserCase], ['node ws', nodeWsCase], ['python websockets', pythonCase],
-    ['socket.io', socketIoCase], ['websocat', websocatCase], ['status page', statusPageCase]];
+    ['socket.io', socketIoCase], ['websocat', websocatCase], ['status page', statusPageCase],
+    ['http2 browsers', http2Case]];
   for (const [name, fn] of cases) {
     if (only && only !== name) continue;
     const started = Date.now();
