@@ -760,3 +760,66 @@ async fn a_ping_flood_ends_the_connection() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_response_the_client_never_reads_ends_the_connection() {
+    let (addr, _) = http_backend().await;
+    let gate = Gate::start(&settings(""), &route("/app", addr, "")).await;
+    let (mut good, _d) = h2_client(&gate).await;
+    // A client whose stream window is tiny and never reopened: the 1 MiB answer stalls.
+    let (tls, _) = tls_with_alpn(&gate, &[b"h2"]).await;
+    let (bad, conn) = h2::client::Builder::new()
+        .initial_window_size(1024)
+        .handshake::<_, Bytes>(tls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(conn);
+    let mut bad = bad.ready().await.unwrap();
+    let (resp, _) = bad
+        .send_request(get(&gate, &format!("/app/bytes/{}", 1 << 20)), true)
+        .unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let _unread = resp.into_body();
+    // Others are served while it stalls.
+    assert_eq!(fetch(&mut good, get(&gate, "/app/during")).await.0, 200);
+    // The gateway ends that connection with GOAWAY once the stall outlasts the bound.
+    let ended = tokio::time::timeout(Duration::from_secs(20), driver)
+        .await
+        .expect("the stalled connection ends")
+        .unwrap();
+    let e = ended.unwrap_err();
+    assert!(e.is_go_away(), "{e:?}");
+    assert_eq!(e.reason(), Some(h2::Reason::ENHANCE_YOUR_CALM));
+    // (The first good connection may have idled out meanwhile, as keep-alive ones do.)
+    let (mut after, _d2) = h2_client(&gate).await;
+    assert_eq!(fetch(&mut after, get(&gate, "/app/ok")).await.0, 200);
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn a_header_list_over_max_request_head_gets_431() {
+    let (addr, _) = http_backend().await;
+    let gate = Gate::start(&settings(""), &route("/app", addr, "")).await;
+    let (mut c, _d) = h2_client(&gate).await;
+    assert_eq!(fetch(&mut c, get(&gate, "/app/a")).await.0, 200);
+    let mut req = get(&gate, "/app/big");
+    req.headers_mut().insert(
+        "x-big",
+        http::HeaderValue::from_str(&"b".repeat(40_000)).unwrap(),
+    );
+    let mut s = c.clone().ready().await.unwrap();
+    match s.send_request(req, true) {
+        Ok((resp, _)) => {
+            let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+                .await
+                .expect("answer in time")
+                .unwrap();
+            assert_eq!(resp.status(), 431);
+        }
+        // The h2 client may refuse to send what the server's SETTINGS said it would not take.
+        Err(e) => panic!("the client refused to send it: {e:?}"),
+    }
+    assert_eq!(fetch(&mut c, get(&gate, "/app/b")).await.0, 200);
+    gate.stop().await;
+}

@@ -69,6 +69,13 @@ struct Shared {
     conn: Conn,
     /// Pooled backend connections were opened with a PROXY header naming this client.
     pooled_with_proxy: AtomicBool,
+    /// Rung when the connection is to end for abuse: a control-frame flood ([`watch`]) or a
+    /// response the client let stall ([`Shared::stall`]).
+    alarm: Arc<tokio::sync::Notify>,
+    /// A response waited longer than this for the client to open its window: the client
+    /// holds a backend connection hostage without reading, a slowloris in reverse.
+    stall: std::time::Duration,
+    stalled: AtomicBool,
 }
 
 /// Serves one HTTP/2 connection until the client goes, or until it drains or idles and its
@@ -104,6 +111,9 @@ pub(crate) async fn serve(conn: Conn, io: ClientStream) {
     let shared = Arc::new(Shared {
         conn,
         pooled_with_proxy: AtomicBool::new(false),
+        alarm: alarm.clone(),
+        stall: idle_after,
+        stalled: AtomicBool::new(false),
     });
     let drain = shared.conn.shared.drain.started();
     tokio::pin!(drain);
@@ -133,7 +143,11 @@ pub(crate) async fn serve(conn: Conn, io: ClientStream) {
                 None => break "closed",
             },
             () = alarm.notified() => {
-                tracing::info!("HTTP/2 connection ended for a SETTINGS or PING flood");
+                if shared.stalled.load(Ordering::Relaxed) {
+                    tracing::info!("HTTP/2 connection ended: a response stalled on a window the client kept shut");
+                } else {
+                    tracing::info!("HTTP/2 connection ended for a SETTINGS or PING flood");
+                }
                 h2c.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
                 goaway = true;
             }
@@ -445,7 +459,7 @@ async fn forward(
             if bodiless {
                 return Ok(());
             }
-            let mut download = std::pin::pin!(download(down, &mut out));
+            let mut download = std::pin::pin!(download(down, &mut out, s.stall));
             loop {
                 tokio::select! {
                     r = &mut upload, if !uploaded => match r {
@@ -454,8 +468,12 @@ async fn forward(
                         Err(_) => return Ok(()),
                     },
                     r = &mut download => {
-                        if let Err(Broke::Backend) = r {
-                            tracing::warn!(backend = %backend, "backend response body broke off");
+                        match r {
+                            Err(Broke::Backend) => {
+                                tracing::warn!(backend = %backend, "backend response body broke off");
+                            }
+                            Err(Broke::Stalled) => s.stalled_stream(),
+                            _ => {}
                         }
                         return Ok(());
                     }
@@ -474,6 +492,15 @@ async fn forward(
 enum Broke {
     Client,
     Backend,
+    /// The client kept its window shut past the stall bound.
+    Stalled,
+}
+
+impl Shared {
+    fn stalled_stream(&self) {
+        self.stalled.store(true, Ordering::Relaxed);
+        self.alarm.notify_one();
+    }
 }
 
 /// Feeds the client's DATA to the backend request, opening the client's window as the backend
@@ -504,7 +531,11 @@ async fn upload(
 }
 
 /// Streams a backend body to the client as the client's window allows, then its trailers.
-async fn download(mut body: PooledBody, out: &mut SendStream<Bytes>) -> Result<(), Broke> {
+async fn download(
+    mut body: PooledBody,
+    out: &mut SendStream<Bytes>,
+    stall: std::time::Duration,
+) -> Result<(), Broke> {
     use http_body_util::BodyExt;
     loop {
         match body.frame().await {
@@ -516,7 +547,7 @@ async fn download(mut body: PooledBody, out: &mut SendStream<Bytes>) -> Result<(
                 return Err(Broke::Backend);
             }
             Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => send_all(out, data).await?,
+                Ok(data) => send_all(out, data, stall).await?,
                 Err(frame) => {
                     if let Ok(mut trailers) = frame.into_trailers() {
                         strip_response(&mut trailers);
@@ -528,10 +559,18 @@ async fn download(mut body: PooledBody, out: &mut SendStream<Bytes>) -> Result<(
     }
 }
 
-/// Sends `data` as the stream's window opens (never more buffered than the window).
-async fn send_all(out: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), Broke> {
+/// Sends `data` as the stream's window opens (never more buffered than the window), giving up
+/// when it stays shut for `stall`.
+async fn send_all(
+    out: &mut SendStream<Bytes>,
+    mut data: Bytes,
+    stall: std::time::Duration,
+) -> Result<(), Broke> {
     while !data.is_empty() {
-        let cap = std::future::poll_fn(|cx| poll_room(out, data.len(), cx)).await?;
+        let room = std::future::poll_fn(|cx| poll_room(out, data.len(), cx));
+        let cap = tokio::time::timeout(stall, room)
+            .await
+            .map_err(|_| Broke::Stalled)??;
         let chunk = data.split_to(cap.min(data.len()));
         out.send_data(chunk, false).map_err(|_| Broke::Client)?;
     }
@@ -580,7 +619,9 @@ async fn tunnel(
             if let Ok(mut send) = respond.send_response(out, bodiless)
                 && !bodiless
             {
-                let _ = relay_body(incoming, &mut send).await;
+                if let Err(Broke::Stalled) = relay_body(incoming, &mut send, s.stall).await {
+                    s.stalled_stream();
+                }
             }
             return Ok(());
         }
@@ -614,7 +655,11 @@ async fn tunnel(
 }
 
 /// A refused Upgrade's body, as the backend sends it.
-async fn relay_body(body: hyper::body::Incoming, out: &mut SendStream<Bytes>) -> Result<(), Broke> {
+async fn relay_body(
+    body: hyper::body::Incoming,
+    out: &mut SendStream<Bytes>,
+    stall: std::time::Duration,
+) -> Result<(), Broke> {
     use http_body_util::BodyExt;
     let mut body = body;
     loop {
@@ -626,7 +671,7 @@ async fn relay_body(body: hyper::body::Incoming, out: &mut SendStream<Bytes>) ->
             }
             Some(Ok(f)) => {
                 if let Ok(d) = f.into_data() {
-                    send_all(out, d).await?;
+                    send_all(out, d, stall).await?;
                 }
             }
         }
