@@ -618,10 +618,9 @@ async fn tunnel(
             let bodiless = incoming.is_end_stream();
             if let Ok(mut send) = respond.send_response(out, bodiless)
                 && !bodiless
+                && let Err(Broke::Stalled) = relay_body(incoming, &mut send, s.stall).await
             {
-                if let Err(Broke::Stalled) = relay_body(incoming, &mut send, s.stall).await {
-                    s.stalled_stream();
-                }
+                s.stalled_stream();
             }
             return Ok(());
         }
