@@ -7,6 +7,9 @@
 //!   second for SECS seconds.
 //! - `handshake URL CONC COUNT`: print `ready`, wait for `go`, then COUNT fresh TLS 1.3
 //!   connections (no resumption) each do the WebSocket handshake and close, CONC at a time.
+//! - `h2idle URL N PER_CONN` and `h2echo URL N SIZE COUNT PER_CONN`: `idle` and `echo` with
+//!   the tunnels opened as WebSockets over HTTP/2 (RFC 8441 extended CONNECT), PER_CONN
+//!   streams on each HTTP/2 connection.
 //!
 //! Results are one JSON line: counts, elapsed seconds and round-trip percentiles in µs.
 //! `CA` in the environment names the PEM the proxies' certificate is trusted through; `TOKEN`,
@@ -24,6 +27,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type H2Ws = WebSocketStream<h2io::H2Io>;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -115,6 +119,39 @@ async fn run(args: Vec<String>) {
             let hists = join_all(workers).await;
             report("handshake", started, hists);
         }
+        "h2idle" => {
+            let tunnels = h2io::open_many(&arg(1), num(2), num(3)).await;
+            let n = tunnels.len();
+            let readers: Vec<_> = tunnels
+                .into_iter()
+                .map(|mut ws| {
+                    tokio::task::spawn_local(
+                        async move { while let Some(Ok(_)) = ws.next().await {} },
+                    )
+                })
+                .collect();
+            println!("ready");
+            wait_go().await;
+            let alive = readers.iter().filter(|r| !r.is_finished()).count();
+            println!(
+                "{}",
+                serde_json::json!({"mode": "h2idle", "tunnels": n, "alive": alive})
+            );
+        }
+        "h2echo" => {
+            let tunnels = h2io::open_many(&arg(1), num(2), num(5)).await;
+            let (size, count) = (num(3) as usize, num(4));
+            println!("ready");
+            wait_go().await;
+            let started = Instant::now();
+            let hists = join_all(
+                tunnels
+                    .into_iter()
+                    .map(|ws| tokio::task::spawn_local(closed_loop(ws, size, count))),
+            )
+            .await;
+            report("h2echo", started, hists);
+        }
         _ => usage(),
     }
 }
@@ -189,7 +226,10 @@ async fn open_many(url: &str, n: u64, connector: &Connector) -> Vec<Ws> {
     out
 }
 
-async fn closed_loop(mut ws: Ws, size: usize, count: u64) -> Histogram<u64> {
+async fn closed_loop<S>(mut ws: WebSocketStream<S>, size: usize, count: u64) -> Histogram<u64>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let mut h = hist();
     let payload = vec![0x5a; size];
     for _ in 0..count {
@@ -229,7 +269,10 @@ async fn paced_loop(
     h
 }
 
-async fn next_data(ws: &mut Ws) {
+async fn next_data<S>(ws: &mut WebSocketStream<S>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     loop {
         match ws.next().await {
             Some(Ok(m)) if m.is_binary() || m.is_text() => return,
@@ -283,4 +326,154 @@ fn report(mode: &str, started: Instant, hists: Vec<Histogram<u64>>) {
             "max_us": all.max(),
         })
     );
+}
+
+/// WebSockets over HTTP/2 streams, from the client side.
+mod h2io {
+    use std::io;
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::task::{Context, Poll, ready};
+
+    use bytes::Bytes;
+    use h2::{RecvStream, SendStream};
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+    use tokio::net::TcpStream;
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    use super::H2Ws;
+
+    /// One stream as a byte stream: DATA in (window reopened as read), DATA out within the
+    /// window.
+    pub(crate) struct H2Io {
+        send: SendStream<Bytes>,
+        recv: RecvStream,
+        pending: Bytes,
+    }
+
+    impl AsyncRead for H2Io {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let this = &mut *self;
+            loop {
+                if !this.pending.is_empty() {
+                    let n = this.pending.len().min(buf.remaining());
+                    buf.put_slice(&this.pending.split_to(n));
+                    let _ = this.recv.flow_control().release_capacity(n);
+                    return Poll::Ready(Ok(()));
+                }
+                match ready!(this.recv.poll_data(cx)) {
+                    Some(Ok(b)) => this.pending = b,
+                    Some(Err(e)) => return Poll::Ready(Err(io::Error::other(e))),
+                    None => return Poll::Ready(Ok(())),
+                }
+            }
+        }
+    }
+
+    impl AsyncWrite for H2Io {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let this = &mut *self;
+            loop {
+                let cap = this.send.capacity();
+                if cap > 0 {
+                    let n = cap.min(buf.len());
+                    this.send
+                        .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                        .map_err(io::Error::other)?;
+                    return Poll::Ready(Ok(n));
+                }
+                this.send.reserve_capacity(buf.len());
+                match ready!(this.send.poll_capacity(cx)) {
+                    Some(Ok(_)) => {}
+                    _ => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+                }
+            }
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            let _ = self.send.send_data(Bytes::new(), true);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn tls() -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        if let Ok(path) = std::env::var("CA") {
+            use rustls_pki_types::pem::PemObject;
+            for cert in rustls_pki_types::CertificateDer::pem_file_iter(&path).expect("CA file") {
+                roots.add(cert.expect("CA cert")).expect("CA cert");
+            }
+        }
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    }
+
+    /// `n` tunnels, `per_conn` on each HTTP/2 connection.
+    pub(crate) async fn open_many(url: &str, n: u64, per_conn: u64) -> Vec<H2Ws> {
+        let u: http::Uri = url.parse().expect("url");
+        let port = u.port_u16().unwrap_or(443);
+        let tls = tls();
+        let mut out = Vec::with_capacity(n as usize);
+        let per_conn = per_conn.max(1);
+        while (out.len() as u64) < n {
+            let tcp = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+            let _ = tcp.set_nodelay(true);
+            let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+            let s = tls.connect(name, tcp).await.expect("TLS");
+            let (send, conn) = h2::client::Builder::new()
+                .initial_connection_window_size(4 << 20)
+                .handshake::<_, Bytes>(s)
+                .await
+                .expect("h2 handshake");
+            tokio::task::spawn_local(async move {
+                let _ = conn.await;
+            });
+            let mut send = send.ready().await.expect("h2 ready");
+            let here = per_conn.min(n - out.len() as u64);
+            let mut pending = Vec::new();
+            for _ in 0..here {
+                let req = http::Request::builder()
+                    .method("CONNECT")
+                    .uri(url.replacen("wss://", "https://", 1))
+                    .header("sec-websocket-version", "13")
+                    .extension(h2::ext::Protocol::from_static("websocket"))
+                    .body(())
+                    .expect("request");
+                send = send.ready().await.expect("h2 ready");
+                let (resp, body) = send.send_request(req, false).expect("CONNECT");
+                pending.push((resp, body));
+            }
+            for (resp, body) in pending {
+                let resp = resp.await.expect("CONNECT answer");
+                assert_eq!(resp.status(), 200, "extended CONNECT refused");
+                let io = H2Io {
+                    send: body,
+                    recv: resp.into_body(),
+                    pending: Bytes::new(),
+                };
+                out.push(WebSocketStream::from_raw_socket(io, Role::Client, None).await);
+            }
+        }
+        out
+    }
 }
