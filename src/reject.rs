@@ -143,6 +143,9 @@ pub(crate) enum BadHandshake {
     UnofferedSubprotocol,
     UnofferedExtension,
     LostAfter101,
+    /// A 1xx or 2xx other than 101 to a WebSocket over HTTP/2: passed on, the client would
+    /// take it for an open WebSocket (RFC 8441 section 5) and read a page as frames.
+    NotSwitched,
 }
 
 /// The HTTP answer to a refusal.
@@ -312,6 +315,9 @@ impl Refusal {
                     "backend chose an extension the client did not offer"
                 }
                 BadHandshake::LostAfter101 => "backend connection failed after 101",
+                BadHandshake::NotSwitched => {
+                    "backend answered a WebSocket with a success that is not 101"
+                }
             },
         }
     }

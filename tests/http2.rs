@@ -191,6 +191,13 @@ async fn plain_requests_over_h2_are_routed_with_forwarding_headers() {
     assert_eq!(status, 404);
     let (status, _, _) = fetch(&mut c, get(&gate, "/app/../etc")).await;
     assert_eq!(status, 400);
+    // A refusal to a HEAD has its head only.
+    let mut head = get(&gate, "/nowhere");
+    *head.method_mut() = http::Method::HEAD;
+    let (status, headers, body) = fetch(&mut c, head).await;
+    assert_eq!(status, 404);
+    assert!(body.is_empty());
+    assert!(headers.get("content-length").is_some());
     // The same connection still serves.
     let (status, _, _) = fetch(&mut c, get(&gate, "/app/x")).await;
     assert_eq!(status, 200);
@@ -452,10 +459,12 @@ async fn extended_connect_refusals_keep_their_statuses() {
         "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n",
     )
     .await;
+    let page = raw_backend("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi").await;
     let routes = format!(
-        "{}{}",
+        "{}{}{}",
         route("/chat", backend.addr, ""),
-        route("/bad", bad_accept, "")
+        route("/bad", bad_accept, ""),
+        route("/page", page, "")
     );
     let gate = Gate::start(&settings(WS_OVER_H2), &routes).await;
     let (c, _d) = h2_client(&gate).await;
@@ -476,6 +485,10 @@ async fn extended_connect_refusals_keep_their_statuses() {
     assert_eq!(status, 502);
     let (status, _, _) = ws_over_h2(&c, connect_req(&gate, "/nowhere", &[V13])).await;
     assert_eq!(status, 404);
+    // A backend that answers a WebSocket with a plain success is not passed on: the client
+    // would take the page for an open WebSocket.
+    let (status, _, _) = ws_over_h2(&c, connect_req(&gate, "/page", &[V13])).await;
+    assert_eq!(status, 502);
     // The connection serves on after every refusal.
     let (status, _, ws) = ws_over_h2(&c, connect_req(&gate, "/chat", &[V13])).await;
     assert_eq!(status, 200);
@@ -821,5 +834,104 @@ async fn a_header_list_over_max_request_head_gets_431() {
         Err(e) => panic!("the client refused to send it: {e:?}"),
     }
     assert_eq!(fetch(&mut c, get(&gate, "/app/b")).await.0, 200);
+    gate.stop().await;
+}
+
+/// A backend whose every answer is a head and a body that never ends; `live` counts the
+/// bodies still held (the gateway still reading them), `dropped` rings as each goes.
+async fn hanging_backend() -> (
+    SocketAddr,
+    Arc<std::sync::atomic::AtomicUsize>,
+    Arc<tokio::sync::Notify>,
+) {
+    struct Held(
+        Arc<std::sync::atomic::AtomicUsize>,
+        Arc<tokio::sync::Notify>,
+    );
+    impl Drop for Held {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            self.1.notify_one();
+        }
+    }
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let dropped = Arc::new(tokio::sync::Notify::new());
+    let (live2, dropped2) = (live.clone(), dropped.clone());
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let (live, dropped) = (live2.clone(), dropped2.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req: http::Request<Incoming>| {
+                    live.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let held = Held(live.clone(), dropped.clone());
+                    let stream = futures_util::stream::unfold(held, |held| async move {
+                        std::future::pending::<()>().await;
+                        Some((Ok::<_, Infallible>(Frame::data(Bytes::new())), held))
+                    });
+                    async move {
+                        Ok::<_, Infallible>(
+                            http::Response::builder()
+                                .header("content-type", "text/event-stream")
+                                .body(StreamBody::new(stream).boxed())
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, live, dropped)
+}
+
+#[tokio::test]
+async fn a_client_reset_ends_a_waiting_response_and_its_backend_request() {
+    let (addr, live, dropped) = hanging_backend().await;
+    let gate = Gate::start(&settings(""), &route("/app", addr, "")).await;
+    let (c, _d) = h2_client(&gate).await;
+    let mut c = c.ready().await.unwrap();
+    let (resp, _) = c.send_request(get(&gate, "/app/wait"), true).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(live.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // Dropping the client's last handle of a stream still open sends RST_STREAM (CANCEL).
+    drop(resp);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while live.load(std::sync::atomic::Ordering::SeqCst) != 0 {
+            dropped.notified().await;
+        }
+    })
+    .await
+    .expect("the backend's response is dropped once the client resets");
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn resetting_answered_streams_past_the_budget_ends_the_connection() {
+    let (addr, _, _) = hanging_backend().await;
+    let gate = Gate::start(&settings(""), &route("/app", addr, "")).await;
+    let (c, driver) = h2_client(&gate).await;
+    let mut served = 0;
+    for _ in 0..300 {
+        let Ok(mut s) = c.clone().ready().await else {
+            break;
+        };
+        let Ok((resp, _)) = s.send_request(get(&gate, "/app/r"), true) else {
+            break;
+        };
+        // Each reset comes after the gateway took the stream up and answered its head.
+        let Ok(resp) = resp.await else { break };
+        served += 1;
+        drop(resp);
+    }
+    assert!(served > 200 && served < 300, "served {served}");
+    let ended = tokio::time::timeout(Duration::from_secs(10), driver)
+        .await
+        .expect("the connection ends");
+    drop(ended);
     gate.stop().await;
 }

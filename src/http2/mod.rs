@@ -48,9 +48,10 @@ use crate::upstream::pool::{PoolKey, PooledBody, UpBody};
 
 /// Per-stream receive window: what a client may send ahead of the backend taking it. Small,
 /// so many streams cost little; the connection window lets several run at full speed.
-const STREAM_WINDOW: u32 = 256 * 1024;
-/// Connection receive window.
-const CONNECTION_WINDOW: u32 = 1024 * 1024;
+const STREAM_WINDOW: u32 = 128 * 1024;
+/// Connection receive window: sixteen full stream windows, so streams whose data waits (a
+/// throttled tunnel, an upload the backend reads slowly) do not freeze their siblings.
+const CONNECTION_WINDOW: u32 = 2 * 1024 * 1024;
 /// What a stream may have queued toward the client beyond its flow-control window.
 const SEND_BUFFER: usize = 64 * 1024;
 /// Streams the client reset before the gateway accepted them; more end the connection
@@ -58,6 +59,16 @@ const SEND_BUFFER: usize = 64 * 1024;
 const PENDING_ACCEPT_RESETS: usize = 20;
 /// Streams the gateway had to reset for the client's errors; more end the connection.
 const LOCAL_ERROR_RESETS: usize = 256;
+/// Streams the client reset after the gateway took them up (each may have cost an auth call
+/// and a backend connect): more in [`RESET_WINDOW`] end the connection, the rapid reset that
+/// `PENDING_ACCEPT_RESETS` does not see.
+const RESET_BUDGET: u32 = 200;
+const RESET_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Why the alarm rang.
+const WHY_FLOOD: u8 = 0;
+const WHY_STALL: u8 = 1;
+const WHY_RESETS: u8 = 2;
 
 /// The client chose HTTP/2 on this connection.
 pub(crate) fn negotiated(stream: &ClientStream) -> bool {
@@ -75,7 +86,23 @@ struct Shared {
     /// A response waited longer than this for the client to open its window: the client
     /// holds a backend connection hostage without reading, a slowloris in reverse.
     stall: std::time::Duration,
-    stalled: AtomicBool,
+    /// Why the alarm rang (`WHY_*`).
+    why: std::sync::atomic::AtomicU8,
+    /// When the client last sent anything: a stall on a connection whose client is alive
+    /// ends only that stream.
+    activity: Arc<watch::Activity>,
+    /// Client resets of taken-up streams in the current window: its start and count.
+    resets: std::sync::Mutex<(Option<Instant>, u32)>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // The last stream task is done too: no pooled connection of this client's can be
+        // handed back any more.
+        if self.pooled_with_proxy.load(Ordering::Relaxed) {
+            self.conn.shared.pool.forget_client(self.conn.id);
+        }
+    }
 }
 
 /// Serves one HTTP/2 connection until the client goes, or until it drains or idles and its
@@ -96,7 +123,8 @@ pub(crate) async fn serve(conn: Conn, io: ClientStream) {
     let idle_after = server.handshake_timeout;
     let deadline = conn.accepted + server.handshake_timeout;
     let alarm = Arc::new(tokio::sync::Notify::new());
-    let io = watch::Watch::new(io, alarm.clone());
+    let activity = Arc::new(watch::Activity::new());
+    let io = watch::Watch::new(io, alarm.clone(), activity.clone());
     let mut h2c = match tokio::time::timeout_at(deadline, b.handshake::<_, Bytes>(io)).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
@@ -113,11 +141,17 @@ pub(crate) async fn serve(conn: Conn, io: ClientStream) {
         pooled_with_proxy: AtomicBool::new(false),
         alarm: alarm.clone(),
         stall: idle_after,
-        stalled: AtomicBool::new(false),
+        why: std::sync::atomic::AtomicU8::new(WHY_FLOOD),
+        activity,
+        resets: std::sync::Mutex::new((None, 0)),
     });
     let drain = shared.conn.shared.drain.started();
     tokio::pin!(drain);
     let mut goaway = false;
+    // After GOAWAY, how long the connection may take to end: a client that never answers the
+    // GOAWAY's PING, or never reads what is queued for it, must not hold its permit forever.
+    let mut hard: Option<(Instant, bool)> = None;
+    let far = || Instant::now() + std::time::Duration::from_secs(24 * 3600);
     let mut streams = 0u64;
     let idle = tokio::time::sleep(idle_after);
     tokio::pin!(idle);
@@ -125,6 +159,12 @@ pub(crate) async fn serve(conn: Conn, io: ClientStream) {
         tokio::select! {
             next = h2c.accept() => match next {
                 Some(Ok((req, respond))) => {
+                    if streams == 0 {
+                        shared.conn.shared
+                            .metrics
+                            .handshake_seconds
+                            .observe(shared.conn.accepted.elapsed().as_secs_f64());
+                    }
                     streams += 1;
                     idle.as_mut().reset(Instant::now() + idle_after);
                     let s = shared.clone();
@@ -143,17 +183,19 @@ pub(crate) async fn serve(conn: Conn, io: ClientStream) {
                 None => break "closed",
             },
             () = alarm.notified() => {
-                if shared.stalled.load(Ordering::Relaxed) {
-                    tracing::info!("HTTP/2 connection ended: a response stalled on a window the client kept shut");
-                } else {
-                    tracing::info!("HTTP/2 connection ended for a SETTINGS or PING flood");
+                match shared.why.load(Ordering::Relaxed) {
+                    WHY_STALL => tracing::info!("HTTP/2 connection ended: a response stalled on a window the client kept shut"),
+                    WHY_RESETS => tracing::info!("HTTP/2 connection ended for resetting too many streams"),
+                    _ => tracing::info!("HTTP/2 connection ended for a SETTINGS or PING flood"),
                 }
                 h2c.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
                 goaway = true;
+                hard = Some((Instant::now() + idle_after, true));
             }
             () = &mut drain, if !goaway => {
                 // No new streams; tunnels get their spread Close 1001 from the drain like
-                // every tunnel, and the connection ends with its last stream.
+                // every tunnel, and the connection ends with its last stream (the process
+                // ends at the grace in any case).
                 h2c.graceful_shutdown();
                 goaway = true;
             }
@@ -163,6 +205,16 @@ pub(crate) async fn serve(conn: Conn, io: ClientStream) {
                 } else {
                     h2c.graceful_shutdown();
                     goaway = true;
+                    hard = Some((Instant::now() + idle_after, false));
+                }
+            }
+            () = tokio::time::sleep_until(hard.map_or_else(far, |h| h.0)), if hard.is_some() => {
+                let abrupt = hard.is_some_and(|h| h.1);
+                if !abrupt && h2c.has_streams() {
+                    // A stream that slipped in before the final GOAWAY is served to its end.
+                    hard = Some((Instant::now() + idle_after, false));
+                } else {
+                    break "GOAWAY not answered";
                 }
             }
         }
@@ -178,15 +230,13 @@ pub(crate) async fn serve(conn: Conn, io: ClientStream) {
             "connection closed"
         );
     }
-    if shared.pooled_with_proxy.load(Ordering::Relaxed) {
-        conn.shared.pool.forget_client(conn.id);
-    }
 }
 
 /// One stream: decided, then forwarded or tunnelled, or refused with its status.
 async fn stream(s: Arc<Shared>, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
     let conn = &s.conn;
     let (mut parts, body) = req.into_parts();
+    let head = parts.method == Method::HEAD;
     let websocket = parts.method == Method::CONNECT
         && parts
             .extensions
@@ -194,13 +244,13 @@ async fn stream(s: Arc<Shared>, req: Request<RecvStream>, mut respond: SendRespo
             .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
     if parts.method == Method::CONNECT && !websocket {
         // A plain CONNECT (a tunnel to anywhere) or another protocol: not a gateway's job.
-        refuse(conn, &mut respond, Refusal::UpgradeMethod.into());
+        refuse(conn, head, &mut respond, Refusal::UpgradeMethod.into());
         return;
     }
     normalize(&mut parts, websocket);
     let rt = conn.rt.clone();
     match request::decide(conn, &rt, &mut parts).await {
-        Err(denied) => refuse(conn, &mut respond, denied),
+        Err(denied) => refuse(conn, head, &mut respond, denied),
         Ok(Decision {
             kind: Kind::Upgrade,
             route,
@@ -208,7 +258,7 @@ async fn stream(s: Arc<Shared>, req: Request<RecvStream>, mut respond: SendRespo
         }) if websocket => {
             if let Err(r) = tunnel(&s, parts, body, respond, route, identity).await {
                 let mut respond = r.1;
-                refuse(conn, &mut respond, r.0.into());
+                refuse(conn, false, &mut respond, r.0.into());
             }
         }
         Ok(Decision {
@@ -217,13 +267,14 @@ async fn stream(s: Arc<Shared>, req: Request<RecvStream>, mut respond: SendRespo
             ..
         }) if !websocket => {
             if let Err(r) = forward(&s, parts, body, &mut respond, route).await {
-                refuse(conn, &mut respond, r.into());
+                refuse(conn, head, &mut respond, r.into());
             }
         }
         // An Upgrade header is a connection-specific field that h2 refuses before this;
         // whatever else disagrees is a malformed request.
         Ok(_) => refuse(
             conn,
+            head,
             &mut respond,
             Refusal::BadUpgrade(crate::reject::UpgradeDefect::NotHttp11).into(),
         ),
@@ -271,7 +322,7 @@ fn normalize(parts: &mut http::request::Parts, websocket: bool) {
 
 /// Counts and logs a refusal and answers the stream with it (or resets it when the refusal
 /// has no answer).
-fn refuse(conn: &Conn, respond: &mut SendResponse<Bytes>, denied: Denied) {
+fn refuse(conn: &Conn, head: bool, respond: &mut SendResponse<Bytes>, denied: Denied) {
     reject::record(&conn.shared, denied.refusal);
     if let Some(answer) = denied.answer {
         let (parts, body) = answer.into_parts();
@@ -279,7 +330,7 @@ fn refuse(conn: &Conn, respond: &mut SendResponse<Bytes>, denied: Denied) {
         *resp.status_mut() = parts.status;
         *resp.headers_mut() = parts.headers;
         strip_response(resp.headers_mut());
-        send_whole(respond, resp, body);
+        send_whole(respond, resp, body, head);
         return;
     }
     let Some(a) = denied.refusal.answer() else {
@@ -305,14 +356,15 @@ fn refuse(conn: &Conn, respond: &mut SendResponse<Bytes>, denied: Denied) {
     let mut body = String::with_capacity(a.body.len() + 1);
     body.push_str(a.body);
     body.push('\n');
-    send_whole(respond, resp, Bytes::from(body));
+    send_whole(respond, resp, Bytes::from(body), head);
 }
 
 /// A small whole answer: head and body in one go (it fits any window worth having; h2
-/// buffers the rest until the client opens its window).
-fn send_whole(respond: &mut SendResponse<Bytes>, mut resp: Response<()>, body: Bytes) {
+/// buffers the rest until the client opens its window). To a HEAD, the head alone.
+fn send_whole(respond: &mut SendResponse<Bytes>, mut resp: Response<()>, body: Bytes, head: bool) {
     resp.headers_mut()
         .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    let body = if head { Bytes::new() } else { body };
     match respond.send_response(resp, body.is_empty()) {
         Ok(mut send) if !body.is_empty() => {
             let _ = send.send_data(body, true);
@@ -355,6 +407,8 @@ async fn forward(
     let mut headers = forward_headers(&req.headers, conn.client, conn.listener.proto());
     headers.remove(header::EXPECT);
     let empty = body.is_end_stream();
+    let expect_continue = !empty
+        && crate::upstream::headers::has_token(&req.headers, &header::EXPECT, "100-continue");
     let length = req
         .headers
         .get(header::CONTENT_LENGTH)
@@ -407,7 +461,19 @@ async fn forward(
             *up.method_mut() = req.method.clone();
             *up.uri_mut() = origin_form(&req.uri);
             *up.headers_mut() = headers.clone();
+            if expect_continue && attempt == 0 {
+                // The gateway answers 100-continue itself as it starts reading the body.
+                let mut c = Response::new(());
+                *c.status_mut() = StatusCode::CONTINUE;
+                let _ = respond.send_informational(c);
+            }
             let mut upload = std::pin::pin!(upload(&mut body, tx, &abort));
+            // A body the backend is left without must not end as if complete.
+            let give_up = |uploaded: bool| {
+                if !uploaded {
+                    abort.store(true, Ordering::Release);
+                }
+            };
             let mut uploaded = empty;
             let mut send = std::pin::pin!(tokio::time::timeout(
                 cfg.response_timeout,
@@ -420,6 +486,11 @@ async fn forward(
                         Err(e) => return Err(Refusal::BadBody(e)),
                     },
                     r = &mut send => break r,
+                    _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
+                        give_up(uploaded);
+                        s.client_reset();
+                        return Ok(());
+                    }
                 }
             };
             let resp = match sent {
@@ -468,11 +539,13 @@ async fn forward(
                         Err(_) => return Ok(()),
                     },
                     r = &mut download => {
+                        give_up(uploaded);
                         match r {
                             Err(Broke::Backend) => {
                                 tracing::warn!(backend = %backend, "backend response body broke off");
                             }
                             Err(Broke::Stalled) => s.stalled_stream(),
+                            Err(Broke::Reset) => s.client_reset(),
                             _ => {}
                         }
                         return Ok(());
@@ -494,11 +567,36 @@ enum Broke {
     Backend,
     /// The client kept its window shut past the stall bound.
     Stalled,
+    /// The client reset the stream.
+    Reset,
 }
 
 impl Shared {
+    /// A response stalled: the stream ends (its handles dropped reset it); the connection too
+    /// when its client sent nothing at all meanwhile.
     fn stalled_stream(&self) {
-        self.stalled.store(true, Ordering::Relaxed);
+        if self.activity.quiet_for() >= self.stall {
+            self.ring(WHY_STALL);
+        }
+    }
+
+    /// The client reset a stream the gateway had taken up; past the budget, the connection
+    /// ends.
+    fn client_reset(&self) {
+        let now = Instant::now();
+        let mut r = self.resets.lock().unwrap_or_else(|e| e.into_inner());
+        match r.0 {
+            Some(start) if now.duration_since(start) < RESET_WINDOW => r.1 += 1,
+            _ => *r = (Some(now), 1),
+        }
+        if r.1 > RESET_BUDGET {
+            drop(r);
+            self.ring(WHY_RESETS);
+        }
+    }
+
+    fn ring(&self, why: u8) {
+        self.why.store(why, Ordering::Relaxed);
         self.alarm.notify_one();
     }
 }
@@ -538,7 +636,13 @@ async fn download(
 ) -> Result<(), Broke> {
     use http_body_util::BodyExt;
     loop {
-        match body.frame().await {
+        // An SSE stream or a long poll may wait on the backend for long: a client that resets
+        // meanwhile ends it at once.
+        let next = tokio::select! {
+            f = body.frame() => f,
+            _ = std::future::poll_fn(|cx| out.poll_reset(cx)) => return Err(Broke::Reset),
+        };
+        match next {
             None => {
                 return out.send_data(Bytes::new(), true).map_err(|_| Broke::Client);
             }
@@ -551,7 +655,10 @@ async fn download(
                 Err(frame) => {
                     if let Ok(mut trailers) = frame.into_trailers() {
                         strip_response(&mut trailers);
-                        return out.send_trailers(trailers).map_err(|_| Broke::Client);
+                        out.send_trailers(trailers).map_err(|_| Broke::Client)?;
+                        // Read to its end, so the backend connection goes back to the pool.
+                        let _ = body.frame().await;
+                        return Ok(());
                     }
                 }
             },
@@ -609,6 +716,14 @@ async fn tunnel(
     let conn = &s.conn;
     let (switched, parts) = match crate::tunnel::reach(conn, &mut req, route, identity).await {
         Err(r) => return Err((r, respond)),
+        Ok(Reached::Refused(resp))
+            if resp.status().is_success() || resp.status().is_informational() =>
+        {
+            return Err((
+                Refusal::BadBackendHandshake(crate::reject::BadHandshake::NotSwitched),
+                respond,
+            ));
+        }
         Ok(Reached::Refused(resp)) => {
             let (mut head, incoming) = resp.into_parts();
             strip_response(&mut head.headers);

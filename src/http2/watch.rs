@@ -8,6 +8,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -110,6 +111,34 @@ impl Follower {
     }
 }
 
+/// When the client last sent anything, for the streams to read.
+#[derive(Debug)]
+pub(crate) struct Activity {
+    base: Instant,
+    /// Milliseconds from `base` to the last read that brought bytes.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    pub(crate) fn new() -> Self {
+        Activity {
+            base: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// How long the client has sent nothing.
+    pub(crate) fn quiet_for(&self) -> Duration {
+        let last = self.base + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        Instant::now().saturating_duration_since(last)
+    }
+
+    fn touch(&self, now: Instant) {
+        let ms = now.saturating_duration_since(self.base).as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+}
+
 /// The client stream, with its control frames counted.
 pub(crate) struct Watch<S> {
     inner: S,
@@ -117,15 +146,17 @@ pub(crate) struct Watch<S> {
     /// Set once the budget is spent; nothing more is read.
     flooded: bool,
     alarm: Arc<Notify>,
+    activity: Arc<Activity>,
 }
 
 impl<S> Watch<S> {
-    pub(crate) fn new(inner: S, alarm: Arc<Notify>) -> Self {
+    pub(crate) fn new(inner: S, alarm: Arc<Notify>, activity: Arc<Activity>) -> Self {
         Watch {
             inner,
             follower: Follower::new(),
             flooded: false,
             alarm,
+            activity,
         }
     }
 }
@@ -143,7 +174,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watch<S> {
         let before = buf.filled().len();
         let this = &mut *self;
         std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
-        if this.follower.feed(&buf.filled()[before..], Instant::now()) {
+        let now = Instant::now();
+        if buf.filled().len() > before {
+            this.activity.touch(now);
+        }
+        if this.follower.feed(&buf.filled()[before..], now) {
             this.flooded = true;
             this.alarm.notify_one();
             // What came with the flood is not handed on.

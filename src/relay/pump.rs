@@ -467,7 +467,9 @@ where
         // A source that broke (a reset, an HTTP/2 stream reset) while frames still flowed is
         // not passed on as an end: the tunnel answers it this pass by closing the other side
         // with a Close frame (1001), which a shut socket could no longer carry.
-        let broke_open = d.read_error() && d.flow == Flow::Forwarding;
+        // Only at a frame boundary, where a Close can go in at once: mid-frame, the end is
+        // passed on as before rather than held until the close deadline.
+        let broke_open = d.read_error() && d.flow == Flow::Forwarding && d.tracker.at_boundary();
         if finished
             && !broke_open
             && !matches!(d.flow, Flow::Closing(_))
