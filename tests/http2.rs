@@ -935,3 +935,64 @@ async fn resetting_answered_streams_past_the_budget_ends_the_connection() {
     drop(ended);
     gate.stop().await;
 }
+
+#[tokio::test]
+async fn curl_speaks_http2_through_the_gateway() {
+    let (addr, _) = http_backend().await;
+    let gate = Gate::start(&settings(""), &route("/app", addr, "")).await;
+    let ca = gate.pki.dir.path().join("curl-ca.pem");
+    std::fs::write(&ca, &gate.pki.ca_pem).unwrap();
+    let port = gate.tls_addr.port();
+    let url = format!("https://localhost:{port}/app/headers");
+    let out = tokio::process::Command::new("curl")
+        .args(["--http2", "-sS", "--max-time", "10", "--cacert"])
+        .arg(&ca)
+        .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
+        .args(["-w", "\nversion=%{http_version} status=%{http_code}"])
+        .arg(&url)
+        .output()
+        .await
+        .expect("curl runs (Debian's curl, built with nghttp2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.ends_with("version=2 status=200"), "{text}");
+    assert!(text.contains("x-forwarded-proto: https\n"), "{text}");
+    assert!(
+        text.contains(&format!("host: localhost:{port}\n")),
+        "{text}"
+    );
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn the_stream_limit_is_announced() {
+    let (addr, _) = http_backend().await;
+    let gate = Gate::start(
+        &settings("h2_max_concurrent_streams = 7"),
+        &route("/app", addr, ""),
+    )
+    .await;
+    let mut raw = raw_h2(&gate).await;
+    // The server's first frame is its SETTINGS: MAX_CONCURRENT_STREAMS (0x3) is in it.
+    let mut head = [0u8; 9];
+    raw.read_exact(&mut head).await.unwrap();
+    assert_eq!(head[3], 4, "SETTINGS first");
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    raw.read_exact(&mut payload).await.unwrap();
+    let settings: Vec<(u16, u32)> = payload
+        .chunks(6)
+        .map(|c| {
+            (
+                u16::from_be_bytes([c[0], c[1]]),
+                u32::from_be_bytes([c[2], c[3], c[4], c[5]]),
+            )
+        })
+        .collect();
+    assert!(settings.contains(&(0x3, 7)), "{settings:?}");
+    // ENABLE_CONNECT_PROTOCOL (0x8) only with websocket_over_h2.
+    assert!(
+        !settings.iter().any(|s| s.0 == 0x8 && s.1 == 1),
+        "{settings:?}"
+    );
+    gate.stop().await;
+}

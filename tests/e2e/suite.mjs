@@ -421,7 +421,7 @@ const nav = performance.getEntriesByType('navigation')[0];
 const out = { tag, page: nav && nav.nextHopProtocol, opened: false, got: null, code: null, error: false };
 const report = () => fetch('/h2/report', { method: 'POST', body: JSON.stringify(out) });
 const ws = new WebSocket('wss://' + location.host + '/h2/ws');
-ws.onopen = () => { out.opened = true; ws.send('hello over ' + tag); };
+ws.onopen = () => { out.opened = true; out.ext = ws.extensions; ws.send('hello over ' + tag); };
 ws.onmessage = (e) => { out.got = e.data; ws.close(1000, 'done'); };
 ws.onerror = () => { out.error = true; };
 ws.onclose = (e) => { out.code = e.code; report(); };
@@ -515,6 +515,7 @@ async function http2Case(ctx) {
           }
           check(client, `${tag}: the page came over HTTP/2`, r.page === 'h2', r.page);
           check(client, `${tag}: the WebSocket opened and echoed`, r.opened && r.got === `hello over ${tag}` && r.code === 1000, r);
+          check(client, `${tag}: permessage-deflate negotiated with the backend`, (r.ext || '').includes('permessage-deflate'), r.ext);
           const after = { h2: await carried(admin, 'h2'), http1: await carried(admin, 'http1') };
           const want = mode === 'on' ? 'h2' : 'http1';
           const other = mode === 'on' ? 'http1' : 'h2';
