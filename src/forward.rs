@@ -16,7 +16,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::backends::{health, sticky};
-use crate::config::Sticky;
 use crate::conn::Conn;
 use crate::downstream::body::{self, Decoder, Framing, Step};
 use crate::downstream::response::{self, BodyEnd, OutFraming};
@@ -42,14 +41,7 @@ pub(crate) async fn exchange(
     conn.note_route(&label);
     let cfg = &conn.rt.config.upstream;
     let pick = route.pick(conn.client.ip(), &req.headers, false)?;
-    let sticky = match &route.sticky {
-        Sticky::Cookie(name) => {
-            let sent = sticky::from_request(&req.headers, name).map(str::to_string);
-            sticky::strip(&mut req.headers, name);
-            Some((name.as_str(), sent))
-        }
-        _ => None,
-    };
+    let sticky = sticky::take(&route.sticky, &mut req.headers);
     let mut headers = forward_headers(&req.headers, conn.client, conn.listener.proto());
     // The gateway answers 100-continue itself when it starts reading the body.
     let expect_continue = req.version == Version::HTTP_11
@@ -70,43 +62,21 @@ pub(crate) async fn exchange(
             backend: backend.clone(),
             client: route.send_proxy_protocol.then_some(conn.id),
         };
-        let dial = crate::tunnel::dial_for(conn, route, i);
         // A stale pooled connection may fail before the request is sent; bodiless requests
         // are retried once on a fresh one.
         for attempt in 0..2 {
             // Counted from before the connect, so requests that arrive together see each other.
             let slot = route.states[i].request_slot();
-            let (mut sender, reused) = match pool.checkout(&key, &dial, cfg.connect_timeout).await {
-                Ok(s) => s,
-                Err(e) => {
-                    if let DialError::Tls(_) = e {
-                        refusal = Refusal::BackendTls;
-                    }
-                    tracing::warn!(backend = %backend, error = %e, "backend connect failed");
-                    health::connect_failed(&conn.shared, route, &route.states[i], e.to_string());
-                    break;
-                }
+            let Some((mut sender, reused)) = checkout(conn, route, i, &key, &mut refusal).await
+            else {
+                break;
             };
             if route.send_proxy_protocol {
                 d.pooled_with_proxy = true;
             }
             conn.note_backend(backend);
-            let abort = Arc::new(AtomicBool::new(false));
-            let (tx, body) = if framing == Framing::Empty {
-                (None, UpBody::Empty)
-            } else {
-                let (tx, rx) = mpsc::channel(2);
-                let body = UpBody::Stream {
-                    rx,
-                    length,
-                    aborted: abort.clone(),
-                };
-                (Some(tx), body)
-            };
-            let mut up = Request::new(body);
-            *up.method_mut() = req.method.clone();
-            *up.uri_mut() = origin_form(&req.uri);
-            *up.headers_mut() = headers.clone();
+            let Upstream { up, tx, abort } =
+                upstream(&req, &headers, framing == Framing::Empty, length);
             if expect_continue && attempt == 0 {
                 d.stream
                     .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -154,11 +124,8 @@ pub(crate) async fn exchange(
             let (mut parts, incoming) = resp.into_parts();
             let status = parts.status;
             count(conn, route, status);
-            if let Some((name, sent)) = &sticky
-                && sent.as_deref() != Some(sticky::value(&label, backend).as_str())
-                && let Some(v) = sticky::set_cookie(name, &label, backend)
-            {
-                parts.headers.append(header::SET_COOKIE, v);
+            if let Some(s) = &sticky {
+                s.answer(&label, backend, &mut parts.headers);
             }
             let body = PooledBody::new(incoming, pool.clone(), key.clone(), sender, slot);
             let plan = plan_for(conn, &req, status, &parts.headers);
@@ -194,6 +161,69 @@ pub(crate) async fn exchange(
         }
     }
     Err(refusal)
+}
+
+/// A request toward a backend, its body fed through `tx` as the client sends it.
+pub(crate) struct Upstream {
+    pub(crate) up: Request<UpBody>,
+    /// `None` for a bodiless request.
+    pub(crate) tx: Option<mpsc::Sender<Bytes>>,
+    /// Set when the client's body broke: the backend's request is abandoned, never ended as
+    /// if complete.
+    pub(crate) abort: Arc<AtomicBool>,
+}
+
+/// The backend's request for client request `req`: its method, its target in origin form,
+/// `headers`, and a body of `length` (chunked when unknown) unless it is `empty`.
+pub(crate) fn upstream(
+    req: &http::request::Parts,
+    headers: &HeaderMap,
+    empty: bool,
+    length: Option<u64>,
+) -> Upstream {
+    let abort = Arc::new(AtomicBool::new(false));
+    let (tx, body) = if empty {
+        (None, UpBody::Empty)
+    } else {
+        let (tx, rx) = mpsc::channel(2);
+        let body = UpBody::Stream {
+            rx,
+            length,
+            aborted: abort.clone(),
+        };
+        (Some(tx), body)
+    };
+    let mut up = Request::new(body);
+    *up.method_mut() = req.method.clone();
+    *up.uri_mut() = origin_form(&req.uri);
+    *up.headers_mut() = headers.clone();
+    Upstream { up, tx, abort }
+}
+
+/// A pooled connection to backend `i` of `route` (and whether it was reused), or `None` when
+/// it cannot be reached: logged, counted as a failed health check, and `refusal` set to what
+/// the client is to get if no backend can be.
+pub(crate) async fn checkout(
+    conn: &Conn,
+    route: &RouteEntry,
+    i: usize,
+    key: &PoolKey,
+    refusal: &mut Refusal,
+) -> Option<(hyper::client::conn::http1::SendRequest<UpBody>, bool)> {
+    let dial = crate::tunnel::dial_for(conn, route, i);
+    let timeout = conn.rt.config.upstream.connect_timeout;
+    match conn.shared.pool.checkout(key, &dial, timeout).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            if let DialError::Tls(_) = e {
+                *refusal = Refusal::BackendTls;
+            }
+            let backend = &route.backends[i].label;
+            tracing::warn!(backend = %backend, error = %e, "backend connect failed");
+            health::connect_failed(&conn.shared, route, &route.states[i], e.to_string());
+            None
+        }
+    }
 }
 
 fn served(next: Next, status: impl Into<u16>) -> Served {

@@ -16,7 +16,6 @@ use tokio::time::Instant;
 
 use crate::auth::Identity;
 use crate::backends::{TunnelSlot, health, sticky};
-use crate::config::Sticky;
 use crate::conn::{ClientStream, Conn};
 use crate::downstream::response::encode_switching;
 use crate::downstream::{Downstream, Next, Served};
@@ -126,14 +125,7 @@ pub(crate) async fn reach(
     let cfg = &conn.rt.config.upstream;
     let t0 = Instant::now();
     let pick = route.pick(conn.client.ip(), &req.headers, true)?;
-    let sticky = match &route.sticky {
-        Sticky::Cookie(name) => {
-            let sent = sticky::from_request(&req.headers, name).map(str::to_string);
-            sticky::strip(&mut req.headers, name);
-            Some((name.as_str(), sent))
-        }
-        _ => None,
-    };
+    let sticky = sticky::take(&route.sticky, &mut req.headers);
     let (i, stream, slot) = connect(conn, route, &pick.order).await?;
     let backend = &route.backends[i];
     conn.note_backend(&backend.label);
@@ -159,11 +151,8 @@ pub(crate) async fn reach(
         }
         Answer::Switched(s) => s,
     };
-    if let Some((name, sent)) = sticky
-        && sent.as_deref() != Some(sticky::value(&label, &backend.label).as_str())
-        && let Some(v) = sticky::set_cookie(name, &label, &backend.label)
-    {
-        switched.headers.append(http::header::SET_COOKIE, v);
+    if let Some(s) = &sticky {
+        s.answer(&label, &backend.label, &mut switched.headers);
     }
     Ok(Reached::Switched {
         headers: switched.headers,

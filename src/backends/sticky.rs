@@ -78,6 +78,37 @@ pub(crate) fn strip(headers: &mut http::HeaderMap, name: &str) {
     }
 }
 
+/// A cookie-sticky route's cookie as the request carried it, taken off the request (backends
+/// never see it), so the answer can pin the client to the backend that served it.
+pub(crate) struct Sent<'r> {
+    name: &'r str,
+    value: Option<String>,
+}
+
+/// Takes the route's sticky cookie off `headers`; `None` when the route is not cookie-sticky.
+pub(crate) fn take<'r>(
+    sticky: &'r crate::config::Sticky,
+    headers: &mut http::HeaderMap,
+) -> Option<Sent<'r>> {
+    let crate::config::Sticky::Cookie(name) = sticky else {
+        return None;
+    };
+    let value = from_request(headers, name).map(str::to_string);
+    strip(headers, name);
+    Some(Sent { name, value })
+}
+
+impl Sent<'_> {
+    /// Adds the `Set-Cookie` naming `backend` to an answer, unless the client already sent it.
+    pub(crate) fn answer(&self, route: &str, backend: &str, headers: &mut http::HeaderMap) {
+        if self.value.as_deref() != Some(value(route, backend).as_str())
+            && let Some(v) = set_cookie(self.name, route, backend)
+        {
+            headers.append(http::header::SET_COOKIE, v);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

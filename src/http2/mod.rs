@@ -35,16 +35,14 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::auth::Denied;
-use crate::backends::{health, sticky};
-use crate::config::Sticky;
+use crate::backends::sticky;
 use crate::conn::{ClientStream, Conn};
 use crate::reject::{self, BodyError, Refusal};
 use crate::request::{self, Decision, Kind};
 use crate::route::RouteEntry;
 use crate::tunnel::{Reached, Tunnel};
-use crate::upstream::DialError;
-use crate::upstream::headers::{forward_headers, origin_form, strip_hop_by_hop};
-use crate::upstream::pool::{PoolKey, PooledBody, UpBody};
+use crate::upstream::headers::{forward_headers, strip_hop_by_hop};
+use crate::upstream::pool::{PoolKey, PooledBody};
 
 /// Per-stream receive window: what a client may send ahead of the backend taking it. Small,
 /// so many streams cost little; the connection window lets several run at full speed.
@@ -396,14 +394,7 @@ async fn forward(
     conn.note_route(&label);
     let cfg = &conn.rt.config.upstream;
     let pick = route.pick(conn.client.ip(), &req.headers, false)?;
-    let sticky = match &route.sticky {
-        Sticky::Cookie(name) => {
-            let sent = sticky::from_request(&req.headers, name).map(str::to_string);
-            sticky::strip(&mut req.headers, name);
-            Some((name.as_str(), sent))
-        }
-        _ => None,
-    };
+    let sticky = sticky::take(&route.sticky, &mut req.headers);
     let mut headers = forward_headers(&req.headers, conn.client, conn.listener.proto());
     headers.remove(header::EXPECT);
     let empty = body.is_end_stream();
@@ -427,40 +418,19 @@ async fn forward(
             backend: backend.clone(),
             client: route.send_proxy_protocol.then_some(conn.id),
         };
-        let dial = crate::tunnel::dial_for(conn, route, i);
         for attempt in 0..2 {
             let slot = route.states[i].request_slot();
-            let (mut sender, reused) = match pool.checkout(&key, &dial, cfg.connect_timeout).await {
-                Ok(s) => s,
-                Err(e) => {
-                    if let DialError::Tls(_) = e {
-                        refusal = Refusal::BackendTls;
-                    }
-                    tracing::warn!(backend = %backend, error = %e, "backend connect failed");
-                    health::connect_failed(&conn.shared, route, &route.states[i], e.to_string());
-                    break;
-                }
+            let Some((mut sender, reused)) =
+                crate::forward::checkout(conn, route, i, &key, &mut refusal).await
+            else {
+                break;
             };
             if route.send_proxy_protocol {
                 s.pooled_with_proxy.store(true, Ordering::Relaxed);
             }
             conn.note_backend(backend);
-            let abort = Arc::new(AtomicBool::new(false));
-            let (tx, up_body) = if empty {
-                (None, UpBody::Empty)
-            } else {
-                let (tx, rx) = mpsc::channel(2);
-                let b = UpBody::Stream {
-                    rx,
-                    length,
-                    aborted: abort.clone(),
-                };
-                (Some(tx), b)
-            };
-            let mut up = Request::new(up_body);
-            *up.method_mut() = req.method.clone();
-            *up.uri_mut() = origin_form(&req.uri);
-            *up.headers_mut() = headers.clone();
+            let crate::forward::Upstream { up, tx, abort } =
+                crate::forward::upstream(&req, &headers, empty, length);
             if expect_continue && attempt == 0 {
                 // The gateway answers 100-continue itself as it starts reading the body.
                 let mut c = Response::new(());
@@ -512,11 +482,8 @@ async fn forward(
             let (mut parts, incoming) = resp.into_parts();
             let status = parts.status;
             crate::forward::count(conn, route, status);
-            if let Some((name, sent)) = &sticky
-                && sent.as_deref() != Some(sticky::value(&label, backend).as_str())
-                && let Some(v) = sticky::set_cookie(name, &label, backend)
-            {
-                parts.headers.append(header::SET_COOKIE, v);
+            if let Some(s) = &sticky {
+                s.answer(&label, backend, &mut parts.headers);
             }
             let down = PooledBody::new(incoming, pool.clone(), key.clone(), sender, slot);
             strip_response(&mut parts.headers);
