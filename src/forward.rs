@@ -104,24 +104,11 @@ pub(crate) async fn exchange(
                     r = &mut send => break r,
                 }
             };
-            let resp = match sent {
-                Err(_) => return Err(Refusal::BackendTimeout),
-                Ok(Err(e)) if reused && framing == Framing::Empty && attempt == 0 => {
-                    tracing::debug!(backend = %backend, error = %e, "pooled connection failed; retrying");
-                    continue;
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(backend = %backend, error = %e, "backend request failed");
-                    // A body already on its way cannot be sent to another backend.
-                    return Err(Refusal::BackendUnavailable);
-                }
-                Ok(Ok(r)) if r.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                    tracing::warn!(backend = %backend, "backend switched protocols on a plain request");
-                    return Err(Refusal::BackendUnavailable);
-                }
-                Ok(Ok(r)) => r,
+            let retry = reused && framing == Framing::Empty && attempt == 0;
+            let (mut parts, incoming) = match answered(sent, retry, backend)? {
+                Some(r) => r.into_parts(),
+                None => continue,
             };
-            let (mut parts, incoming) = resp.into_parts();
             let status = parts.status;
             count(conn, route, status);
             if let Some(s) = &sticky {
@@ -161,6 +148,33 @@ pub(crate) async fn exchange(
         }
     }
     Err(refusal)
+}
+
+/// What became of a request sent over a pooled connection: the backend's answer, `None` when
+/// the connection failed before answering and `retry` allows a fresh one (a stale pooled
+/// connection, a bodiless request), or the refusal.
+pub(crate) fn answered(
+    sent: Result<hyper::Result<Response<hyper::body::Incoming>>, tokio::time::error::Elapsed>,
+    retry: bool,
+    backend: &str,
+) -> Result<Option<Response<hyper::body::Incoming>>, Refusal> {
+    match sent {
+        Err(_) => Err(Refusal::BackendTimeout),
+        Ok(Err(e)) if retry => {
+            tracing::debug!(backend = %backend, error = %e, "pooled connection failed; retrying");
+            Ok(None)
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(backend = %backend, error = %e, "backend request failed");
+            // A body already on its way cannot be sent to another backend.
+            Err(Refusal::BackendUnavailable)
+        }
+        Ok(Ok(r)) if r.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            tracing::warn!(backend = %backend, "backend switched protocols on a plain request");
+            Err(Refusal::BackendUnavailable)
+        }
+        Ok(Ok(r)) => Ok(Some(r)),
+    }
 }
 
 /// A request toward a backend, its body fed through `tx` as the client sends it.

@@ -463,23 +463,11 @@ async fn forward(
                     }
                 }
             };
-            let resp = match sent {
-                Err(_) => return Err(Refusal::BackendTimeout),
-                Ok(Err(e)) if reused && empty && attempt == 0 => {
-                    tracing::debug!(backend = %backend, error = %e, "pooled connection failed; retrying");
-                    continue;
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(backend = %backend, error = %e, "backend request failed");
-                    return Err(Refusal::BackendUnavailable);
-                }
-                Ok(Ok(r)) if r.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                    tracing::warn!(backend = %backend, "backend switched protocols on a plain request");
-                    return Err(Refusal::BackendUnavailable);
-                }
-                Ok(Ok(r)) => r,
+            let retry = reused && empty && attempt == 0;
+            let (mut parts, incoming) = match crate::forward::answered(sent, retry, backend)? {
+                Some(r) => r.into_parts(),
+                None => continue,
             };
-            let (mut parts, incoming) = resp.into_parts();
             let status = parts.status;
             crate::forward::count(conn, route, status);
             if let Some(s) = &sticky {
