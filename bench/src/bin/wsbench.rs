@@ -44,26 +44,7 @@ async fn run(args: Vec<String>) {
     let num = |i: usize| arg(i).parse::<u64>().unwrap_or_else(|_| usage());
     let connector = connector();
     match arg(0).as_str() {
-        "idle" => {
-            let tunnels = open_many(&arg(1), num(2), &connector).await;
-            let n = tunnels.len();
-            // Idle tunnels still read, so gateway pings are answered as a real client would.
-            let readers: Vec<_> = tunnels
-                .into_iter()
-                .map(|mut ws| {
-                    tokio::task::spawn_local(
-                        async move { while let Some(Ok(_)) = ws.next().await {} },
-                    )
-                })
-                .collect();
-            println!("ready");
-            wait_go().await;
-            let alive = readers.iter().filter(|r| !r.is_finished()).count();
-            println!(
-                "{}",
-                serde_json::json!({"mode": "idle", "tunnels": n, "alive": alive})
-            );
-        }
+        "idle" => hold_idle("idle", open_many(&arg(1), num(2), &connector).await).await,
         "echo" => {
             let tunnels = open_many(&arg(1), num(2), &connector).await;
             let (size, count) = (num(3) as usize, num(4));
@@ -119,25 +100,7 @@ async fn run(args: Vec<String>) {
             let hists = join_all(workers).await;
             report("handshake", started, hists);
         }
-        "h2idle" => {
-            let tunnels = h2io::open_many(&arg(1), num(2), num(3)).await;
-            let n = tunnels.len();
-            let readers: Vec<_> = tunnels
-                .into_iter()
-                .map(|mut ws| {
-                    tokio::task::spawn_local(
-                        async move { while let Some(Ok(_)) = ws.next().await {} },
-                    )
-                })
-                .collect();
-            println!("ready");
-            wait_go().await;
-            let alive = readers.iter().filter(|r| !r.is_finished()).count();
-            println!(
-                "{}",
-                serde_json::json!({"mode": "h2idle", "tunnels": n, "alive": alive})
-            );
-        }
+        "h2idle" => hold_idle("h2idle", h2io::open_many(&arg(1), num(2), num(3)).await).await,
         "h2echo" => {
             let tunnels = h2io::open_many(&arg(1), num(2), num(5)).await;
             let (size, count) = (num(3) as usize, num(4));
@@ -154,6 +117,28 @@ async fn run(args: Vec<String>) {
         }
         _ => usage(),
     }
+}
+
+/// Holds the tunnels until `go`, then says how many are still open.
+async fn hold_idle<S>(mode: &str, tunnels: Vec<WebSocketStream<S>>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+{
+    let n = tunnels.len();
+    // Idle tunnels still read, so gateway pings are answered as a real client would.
+    let readers: Vec<_> = tunnels
+        .into_iter()
+        .map(|mut ws| {
+            tokio::task::spawn_local(async move { while let Some(Ok(_)) = ws.next().await {} })
+        })
+        .collect();
+    println!("ready");
+    wait_go().await;
+    let alive = readers.iter().filter(|r| !r.is_finished()).count();
+    println!(
+        "{}",
+        serde_json::json!({"mode": mode, "tunnels": n, "alive": alive})
+    );
 }
 
 fn usage() -> ! {
@@ -436,7 +421,9 @@ mod h2io {
         let mut out = Vec::with_capacity(n as usize);
         let per_conn = per_conn.max(1);
         while (out.len() as u64) < n {
-            let tcp = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+            let tcp = TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connect");
             let _ = tcp.set_nodelay(true);
             let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
             let s = tls.connect(name, tcp).await.expect("TLS");
