@@ -7,6 +7,8 @@
 //!    │            refused: socket closed, no TLS work (after the PROXY header when expected)
 //!    ├─ proxy_protocol: client address        tls: handshake (SNI, tickets)
 //!    │            all within handshake_timeout of the accept; conn: the context from here on
+//!    ├─ ALPN h2 ─► http2: each stream decided like a request below; a plain one forwarded,
+//!    │             an extended CONNECT made an Upgrade toward the backend, its stream relayed
 //!    ▼
 //!  downstream ── every request head read by head.rs (exact max_request_head) ──┐
 //!    │                                                                         ▼
