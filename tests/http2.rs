@@ -996,3 +996,20 @@ async fn the_stream_limit_is_announced() {
     );
     gate.stop().await;
 }
+
+#[tokio::test]
+async fn over_max_connections_a_stream_gets_503_with_retry_after() {
+    let (addr, _) = http_backend().await;
+    let gate = Gate::start(
+        &settings("").replace("[server]\n", "[server]\nmax_connections = 1\n"),
+        &route("/app", addr, ""),
+    )
+    .await;
+    let (mut first, _d1) = h2_client(&gate).await;
+    assert_eq!(fetch(&mut first, get(&gate, "/app/a")).await.0, 200);
+    let (mut second, _d2) = h2_client(&gate).await;
+    let (status, headers, _) = fetch(&mut second, get(&gate, "/app/b")).await;
+    assert_eq!(status, 503);
+    assert_eq!(headers["retry-after"], "5");
+    gate.stop().await;
+}
