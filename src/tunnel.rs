@@ -296,6 +296,7 @@ where
             route: route.clone(),
             backend: slot.backend().clone(),
             subject,
+            protocol,
             opened_at: SystemTime::now(),
             opened: Instant::now(),
             bytes_up: AtomicU64::new(0),

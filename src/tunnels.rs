@@ -21,6 +21,8 @@ pub(crate) struct TunnelEntry {
     pub(crate) route: String,
     pub(crate) backend: Arc<BackendState>,
     pub(crate) subject: Option<String>,
+    /// `http1` (an Upgrade) or `h2` (an extended CONNECT on an HTTP/2 stream).
+    pub(crate) protocol: &'static str,
     pub(crate) opened_at: SystemTime,
     pub(crate) opened: Instant,
     /// Bytes and frames relayed each way, frame headers included.

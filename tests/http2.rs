@@ -445,6 +445,10 @@ async fn websocket_over_h2_echoes_and_negotiates_with_the_backend() {
         m.contains("wsgate_connections_total{route=\"/chat\",protocol=\"h2\"} 1"),
         "{m}"
     );
+    // The admin API says which protocol carries it.
+    let (status, list) = http_get(gate.admin.unwrap(), "/tunnels").await;
+    assert_eq!(status, 200, "{list}");
+    assert!(list.contains("\"protocol\":\"h2\""), "{list}");
     // The client closes: the Close goes through and the backend answers it.
     ws.send(8, &1000u16.to_be_bytes()).await;
     let (op, payload) = ws.frame().await.expect("close answered");

@@ -319,6 +319,7 @@ fn tunnel_json(t: &TunnelEntry, now: Instant) -> Value {
         "route": t.route,
         "backend": t.backend.label,
         "subject": t.subject,
+        "protocol": t.protocol,
         "opened_at": rfc3339(t.opened_at),
         "age_seconds": now.saturating_duration_since(t.opened).as_secs_f64(),
         "bytes_from_client": t.bytes_up.load(Ordering::Relaxed),
