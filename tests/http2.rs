@@ -838,6 +838,12 @@ async fn a_header_list_over_max_request_head_gets_431() {
         Err(e) => panic!("the client refused to send it: {e:?}"),
     }
     assert_eq!(fetch(&mut c, get(&gate, "/app/b")).await.0, 200);
+    // Counted like every refusal.
+    let m = gate.metrics().await;
+    assert!(
+        m.contains("wsgate_handshake_rejections_total{reason=\"bad_request\"} 1"),
+        "{m}"
+    );
     gate.stop().await;
 }
 

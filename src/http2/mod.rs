@@ -109,7 +109,11 @@ pub(crate) async fn serve(conn: Conn, io: ClientStream) {
     let server = &conn.rt.config.server;
     let mut b = h2::server::Builder::new();
     b.max_concurrent_streams(server.h2_max_concurrent_streams)
-        .max_header_list_size(u32::try_from(server.max_request_head).unwrap_or(u32::MAX))
+        // Twice the limit, so a list over it still reaches the decision below and its 431 is
+        // counted and logged like every refusal; h2 answers lists beyond that itself.
+        .max_header_list_size(
+            u32::try_from(server.max_request_head.saturating_mul(2)).unwrap_or(u32::MAX),
+        )
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_send_buffer_size(SEND_BUFFER)
@@ -245,6 +249,10 @@ async fn stream(s: Arc<Shared>, req: Request<RecvStream>, mut respond: SendRespo
         refuse(conn, head, &mut respond, Refusal::UpgradeMethod.into());
         return;
     }
+    if header_list_size(&parts) > conn.rt.config.server.max_request_head {
+        refuse(conn, head, &mut respond, Refusal::HeadTooLarge.into());
+        return;
+    }
     normalize(&mut parts, websocket);
     let rt = conn.rt.clone();
     match request::decide(conn, &rt, &mut parts).await {
@@ -277,6 +285,29 @@ async fn stream(s: Arc<Shared>, req: Request<RecvStream>, mut respond: SendRespo
             Refusal::BadUpgrade(crate::reject::UpgradeDefect::NotHttp11).into(),
         ),
     }
+}
+
+/// The decoded header list's size as HTTP/2 counts it (RFC 9113 section 6.5.2: each field's
+/// name and value plus 32), pseudo-header fields included.
+fn header_list_size(parts: &http::request::Parts) -> usize {
+    let field = |name: usize, value: usize| name + value + 32;
+    let mut n = field(":method".len(), parts.method.as_str().len())
+        + field(
+            ":path".len(),
+            parts.uri.path_and_query().map_or(1, |p| p.as_str().len()),
+        )
+        + field(":scheme".len(), parts.uri.scheme_str().map_or(0, str::len))
+        + field(
+            ":authority".len(),
+            parts.uri.authority().map_or(0, |a| a.as_str().len()),
+        );
+    if let Some(p) = parts.extensions.get::<h2::ext::Protocol>() {
+        n += field(":protocol".len(), p.as_str().len());
+    }
+    for (k, v) in &parts.headers {
+        n += field(k.as_str().len(), v.len());
+    }
+    n
 }
 
 /// Makes an HTTP/2 request look like the HTTP/1.1 one it stands for, so the decision path
