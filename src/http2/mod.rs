@@ -184,7 +184,7 @@ pub(crate) async fn serve(conn: Conn, io: ClientStream) {
                 }
                 None => break "closed",
             },
-            () = alarm.notified() => {
+            () = alarm.notified(), if !matches!(hard, Some((_, true))) => {
                 match shared.why.load(Ordering::Relaxed) {
                     WHY_STALL => tracing::info!("HTTP/2 connection ended: a response stalled on a window the client kept shut"),
                     WHY_RESETS => tracing::info!("HTTP/2 connection ended for resetting too many streams"),
@@ -232,6 +232,12 @@ pub(crate) async fn serve(conn: Conn, io: ClientStream) {
             "connection closed"
         );
     }
+    // When the client went, stream tasks still winding down outlive this one: the pooled
+    // connections opened for this client go now rather than with the last of them (and
+    // again then, harmlessly).
+    if shared.pooled_with_proxy.load(Ordering::Relaxed) {
+        conn.shared.pool.forget_client(conn.id);
+    }
 }
 
 /// One stream: decided, then forwarded or tunnelled, or refused with its status.
@@ -255,7 +261,16 @@ async fn stream(s: Arc<Shared>, req: Request<RecvStream>, mut respond: SendRespo
     }
     normalize(&mut parts, websocket);
     let rt = conn.rt.clone();
-    match request::decide(conn, &rt, &mut parts).await {
+    // A client that resets while the gateway decides (an auth call) stops that work at once,
+    // and counts toward the reset budget.
+    let decided = tokio::select! {
+        d = request::decide(conn, &rt, &mut parts) => d,
+        _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
+            s.client_reset();
+            return;
+        }
+    };
+    match decided {
         Err(denied) => refuse(conn, head, &mut respond, denied),
         Ok(Decision {
             kind: Kind::Upgrade,
@@ -482,16 +497,18 @@ async fn forward(
             ));
             let sent = loop {
                 tokio::select! {
-                    r = &mut upload, if !uploaded => match r {
-                        Ok(()) => uploaded = true,
-                        Err(e) => return Err(Refusal::BadBody(e)),
-                    },
-                    r = &mut send => break r,
+                    // A reset breaks the upload too: seen as the reset it is, not a bad body.
+                    biased;
                     _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
                         give_up(uploaded);
                         s.client_reset();
                         return Ok(());
                     }
+                    r = &mut upload, if !uploaded => match r {
+                        Ok(()) => uploaded = true,
+                        Err(e) => return Err(Refusal::BadBody(e)),
+                    },
+                    r = &mut send => break r,
                 }
             };
             let retry = reused && empty && attempt == 0;
@@ -700,7 +717,14 @@ async fn tunnel(
     identity: crate::auth::Identity,
 ) -> Result<(), (Refusal, SendResponse<Bytes>)> {
     let conn = &s.conn;
-    let (switched, parts) = match crate::tunnel::reach(conn, &mut req, route, identity).await {
+    let reached = tokio::select! {
+        r = crate::tunnel::reach(conn, &mut req, route, identity) => r,
+        _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
+            s.client_reset();
+            return Ok(());
+        }
+    };
+    let (switched, parts) = match reached {
         Err(r) => return Err((r, respond)),
         Ok(Reached::Refused(resp))
             if resp.status().is_success() || resp.status().is_informational() =>
@@ -717,11 +741,15 @@ async fn tunnel(
             *out.status_mut() = head.status;
             *out.headers_mut() = head.headers;
             let bodiless = incoming.is_end_stream();
-            if let Ok(mut send) = respond.send_response(out, bodiless)
-                && !bodiless
-                && let Err(Broke::Stalled) = relay_body(incoming, &mut send, s.stall).await
-            {
-                s.stalled_stream();
+            match respond.send_response(out, bodiless) {
+                // The client reset the stream meanwhile.
+                Err(_) => s.client_reset(),
+                Ok(mut send) if !bodiless => {
+                    if let Err(Broke::Stalled) = relay_body(incoming, &mut send, s.stall).await {
+                        s.stalled_stream();
+                    }
+                }
+                Ok(_) => {}
             }
             return Ok(());
         }
@@ -739,6 +767,7 @@ async fn tunnel(
     }
     let Ok(send) = respond.send_response(ok, false) else {
         tracing::info!("client went away before the 200 was sent");
+        s.client_reset();
         return Ok(());
     };
     let io = StreamIo {
