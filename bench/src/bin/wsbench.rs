@@ -146,7 +146,9 @@ fn usage() -> ! {
     std::process::exit(2)
 }
 
-fn connector() -> Connector {
+/// TLS 1.3 trusting `CA`, with no resumption: every handshake is a full one, as when a fleet
+/// of new clients arrives.
+fn client_config() -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     if let Ok(path) = std::env::var("CA") {
         for cert in rustls_pki_types::CertificateDer::pem_file_iter(&path).expect("CA file") {
@@ -160,9 +162,12 @@ fn connector() -> Connector {
     .expect("TLS 1.3")
     .with_root_certificates(roots)
     .with_no_client_auth();
-    // Every handshake is a full one, as when a fleet of new clients arrives.
     cfg.resumption = rustls::client::Resumption::disabled();
-    Connector::Rustls(Arc::new(cfg))
+    cfg
+}
+
+fn connector() -> Connector {
+    Connector::Rustls(Arc::new(client_config()))
 }
 
 async fn open(url: &str, connector: &Connector) -> Ws {
@@ -395,20 +400,7 @@ mod h2io {
     }
 
     fn tls() -> tokio_rustls::TlsConnector {
-        let mut roots = rustls::RootCertStore::empty();
-        if let Ok(path) = std::env::var("CA") {
-            use rustls_pki_types::pem::PemObject;
-            for cert in rustls_pki_types::CertificateDer::pem_file_iter(&path).expect("CA file") {
-                roots.add(cert.expect("CA cert")).expect("CA cert");
-            }
-        }
-        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("TLS 1.3")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let mut cfg = super::client_config();
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         tokio_rustls::TlsConnector::from(Arc::new(cfg))
     }
