@@ -57,11 +57,7 @@ pub(crate) async fn exchange(
     let mut refusal = Refusal::BackendUnavailable;
     for &i in &pick.order {
         let backend = &route.backends[i].label;
-        let key = PoolKey {
-            route: label.clone(),
-            backend: backend.clone(),
-            client: route.send_proxy_protocol.then_some(conn.id),
-        };
+        let key = PoolKey::new(conn, route, i);
         // A stale pooled connection may fail before the request is sent; bodiless requests
         // are retried once on a fresh one.
         for attempt in 0..2 {

@@ -459,11 +459,7 @@ async fn forward(
     let mut refusal = Refusal::BackendUnavailable;
     for &i in &pick.order {
         let backend = &route.backends[i].label;
-        let key = PoolKey {
-            route: label.clone(),
-            backend: backend.clone(),
-            client: route.send_proxy_protocol.then_some(conn.id),
-        };
+        let key = PoolKey::new(conn, route, i);
         for attempt in 0..2 {
             let slot = route.states[i].request_slot();
             let Some((mut sender, reused)) =

@@ -109,6 +109,22 @@ pub(crate) struct Pool {
     idle: Mutex<HashMap<PoolKey, Vec<Idle>>>,
 }
 
+impl PoolKey {
+    /// The pool a request of `conn` to backend `i` of `route` draws from: one per route and
+    /// backend, and one per client when backend connections carry a PROXY header naming it.
+    pub(crate) fn new(
+        conn: &crate::conn::Conn,
+        route: &crate::route::RouteEntry,
+        i: usize,
+    ) -> Self {
+        PoolKey {
+            route: route.label(),
+            backend: route.backends[i].label.clone(),
+            client: route.send_proxy_protocol.then_some(conn.id),
+        }
+    }
+}
+
 impl Pool {
     /// An idle connection for `key` (second value true), or a new one dialled with `dial`.
     pub(crate) async fn checkout(

@@ -47,17 +47,7 @@ async fn run(args: Vec<String>) {
         "idle" => hold_idle("idle", open_many(&arg(1), num(2), &connector).await).await,
         "echo" => {
             let tunnels = open_many(&arg(1), num(2), &connector).await;
-            let (size, count) = (num(3) as usize, num(4));
-            println!("ready");
-            wait_go().await;
-            let started = Instant::now();
-            let hists = join_all(
-                tunnels
-                    .into_iter()
-                    .map(|ws| tokio::task::spawn_local(closed_loop(ws, size, count))),
-            )
-            .await;
-            report("echo", started, hists);
+            echo_all("echo", tunnels, num(3) as usize, num(4)).await;
         }
         "paced" => {
             let n = num(2);
@@ -103,20 +93,27 @@ async fn run(args: Vec<String>) {
         "h2idle" => hold_idle("h2idle", h2io::open_many(&arg(1), num(2), num(3)).await).await,
         "h2echo" => {
             let tunnels = h2io::open_many(&arg(1), num(2), num(5)).await;
-            let (size, count) = (num(3) as usize, num(4));
-            println!("ready");
-            wait_go().await;
-            let started = Instant::now();
-            let hists = join_all(
-                tunnels
-                    .into_iter()
-                    .map(|ws| tokio::task::spawn_local(closed_loop(ws, size, count))),
-            )
-            .await;
-            report("h2echo", started, hists);
+            echo_all("h2echo", tunnels, num(3) as usize, num(4)).await;
         }
         _ => usage(),
     }
+}
+
+/// After `go`, every tunnel does `count` closed-loop round trips of `size` bytes.
+async fn echo_all<S>(mode: &str, tunnels: Vec<WebSocketStream<S>>, size: usize, count: u64)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+{
+    println!("ready");
+    wait_go().await;
+    let started = Instant::now();
+    let hists = join_all(
+        tunnels
+            .into_iter()
+            .map(|ws| tokio::task::spawn_local(closed_loop(ws, size, count))),
+    )
+    .await;
+    report(mode, started, hists);
 }
 
 /// Holds the tunnels until `go`, then says how many are still open.
