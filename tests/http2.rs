@@ -129,17 +129,27 @@ fn get(gate: &Gate, path: &str) -> http::Request<()> {
         .unwrap()
 }
 
+/// Sends `req` on a new stream and waits (10 s at most) for the answer's head.
+async fn request_head(
+    c: &SendRequest<Bytes>,
+    req: http::Request<()>,
+    end: bool,
+) -> (http::Response<RecvStream>, SendStream<Bytes>) {
+    let mut c = c.clone().ready().await.unwrap();
+    let (resp, send) = c.send_request(req, end).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("answer in time")
+        .unwrap();
+    (resp, send)
+}
+
 /// Sends a bodiless request and reads the whole answer.
 async fn fetch(
     send: &mut SendRequest<Bytes>,
     req: http::Request<()>,
 ) -> (u16, http::HeaderMap, Vec<u8>) {
-    let mut send = send.clone().ready().await.unwrap();
-    let (resp, _) = send.send_request(req, true).unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
-        .await
-        .expect("answer in time")
-        .unwrap();
+    let (resp, _) = request_head(send, req, true).await;
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let body = read_body(resp.into_body()).await;
@@ -323,21 +333,8 @@ impl H2Ws {
     /// The next frame (opcode, payload), `None` once the stream ended.
     async fn frame(&mut self) -> Option<(u8, Vec<u8>)> {
         loop {
-            if self.buf.len() >= 2 {
-                let len7 = (self.buf[1] & 0x7f) as usize;
-                let (len, hl) = match len7 {
-                    126 if self.buf.len() >= 4 => {
-                        (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
-                    }
-                    n if n < 126 => (n, 2),
-                    _ => (usize::MAX, 0),
-                };
-                if len != usize::MAX && self.buf.len() >= hl + len {
-                    let op = self.buf[0] & 0x0f;
-                    let payload = self.buf[hl..hl + len].to_vec();
-                    self.buf.drain(..hl + len);
-                    return Some((op, payload));
-                }
+            if let Some(f) = take_frame(&mut self.buf) {
+                return Some(f);
             }
             let chunk = tokio::time::timeout(Duration::from_secs(10), self.recv.data())
                 .await
@@ -374,12 +371,7 @@ async fn ws_over_h2(
     c: &SendRequest<Bytes>,
     req: http::Request<()>,
 ) -> (u16, http::HeaderMap, Option<H2Ws>) {
-    let mut c = c.clone().ready().await.unwrap();
-    let (resp, send) = c.send_request(req, false).unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
-        .await
-        .expect("answer in time")
-        .unwrap();
+    let (resp, send) = request_head(c, req, false).await;
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let ws = (status == 200).then(|| H2Ws {

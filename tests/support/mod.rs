@@ -571,25 +571,8 @@ impl RawWs {
     pub async fn frame(&mut self) -> Option<(u8, Vec<u8>)> {
         let mut chunk = [0u8; 4096];
         loop {
-            if self.buf.len() >= 2 {
-                let len7 = (self.buf[1] & 0x7f) as usize;
-                let (len, hl) = match len7 {
-                    126 if self.buf.len() >= 4 => {
-                        (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
-                    }
-                    127 if self.buf.len() >= 10 => (
-                        u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize,
-                        10,
-                    ),
-                    n if n < 126 => (n, 2),
-                    _ => (usize::MAX, 0),
-                };
-                if len != usize::MAX && self.buf.len() >= hl + len {
-                    let op = self.buf[0] & 0x0f;
-                    let payload = self.buf[hl..hl + len].to_vec();
-                    self.buf.drain(..hl + len);
-                    return Some((op, payload));
-                }
+            if let Some(f) = take_frame(&mut self.buf) {
+                return Some(f);
             }
             match self.s.read(&mut chunk).await {
                 Ok(0) | Err(_) => return None,
@@ -601,6 +584,29 @@ impl RawWs {
     pub async fn send(&mut self, bytes: &[u8]) {
         self.s.write_all(bytes).await.unwrap();
     }
+}
+
+/// The first whole server frame (unmasked) in `buf`, taken off it: opcode and payload.
+pub fn take_frame(buf: &mut Vec<u8>) -> Option<(u8, Vec<u8>)> {
+    if buf.len() < 2 {
+        return None;
+    }
+    let (len, hl) = match (buf[1] & 0x7f) as usize {
+        126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+        127 if buf.len() >= 10 => (
+            u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
+            10,
+        ),
+        n if n < 126 => (n, 2),
+        _ => return None,
+    };
+    if buf.len() < hl + len {
+        return None;
+    }
+    let op = buf[0] & 0x0f;
+    let payload = buf[hl..hl + len].to_vec();
+    buf.drain(..hl + len);
+    Some((op, payload))
 }
 
 /// A masked client frame.
